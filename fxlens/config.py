@@ -1,0 +1,45 @@
+"""``model.cfg``: the dimensions and kinds TransformerLens users read."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """TransformerLens-style configuration read from the HF config and the graph.
+
+    ``n_kv_heads`` is smaller than ``n_heads`` under grouped-query attention; K/V sites
+    then have ``n_kv_heads`` heads.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int | None
+    family: str
+    model_type: str
+    normalization_type: str
+    positional_embedding_type: str
+    act_fn: str | None
+    parallel_attn_mlp: bool
+    dtype: str
+    device: str
+
+    def to_dict(self) -> dict:
+        """Plain-dict form (for JSON)."""
+        return asdict(self)
+
+
+def hf_dims(config) -> tuple[int, int, int, int, int]:
+    """``(n_layers, d_model, n_heads, n_kv_heads, d_head)`` from an HF config."""
+    n_layers = config.num_hidden_layers
+    d_model = config.hidden_size
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    return n_layers, d_model, n_heads, n_kv, d_head

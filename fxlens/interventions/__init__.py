@@ -1,0 +1,1 @@
+"""Hooks, patching and analysis on top of the traced graph."""

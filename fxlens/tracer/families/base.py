@@ -1,0 +1,63 @@
+"""A family rule: where a model family keeps its parts, as HF module paths.
+
+Rules are data. Paths inside a block are relative to the block (``layers`` + ``.{L}``).
+Everything else (which node is which site) is found from the graph by ``locate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module paths of one architecture family.
+
+    Attributes:
+        name: family name shown in ``cfg.family``.
+        model_types: ``config.model_type`` values the rule covers.
+        embed: token embedding module.
+        layers: the block list (``{layers}.{L}`` is block L).
+        ln_final: final norm module (``None`` for encoders without one).
+        pos_embed: learned absolute position embedding module, if any.
+        ln1: norm feeding attention (pre-norm) or after it (``post_norm``).
+        ln2: norm feeding the MLP (pre-norm) or after it (``post_norm``).
+        attn: attention module.
+        attn_out: module whose output is the attention output (before post-norms).
+        attn_post_norm: norm applied to the attention output before the add (Gemma 2/3).
+        mlp_act: activation module; its input is ``mlp.hook_pre``.
+        mlp_out: down projection; its input is ``mlp.hook_post``.
+        mlp_post_norm: norm applied to the MLP output before the add (Gemma 2/3).
+        parallel: attention and MLP read the same residual (GPT-NeoX, Phi-2, GPT-J).
+        post_norm: norms sit after the residual adds (BERT).
+        norm: ``"rms"`` or ``"layer"``.
+        gated: the MLP is gated (``act(gate) * up``).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    embed: str = "model.embed_tokens"
+    layers: str = "model.layers"
+    ln_final: str | None = "model.norm"
+    pos_embed: str | None = None
+    ln1: str = "input_layernorm"
+    ln2: str = "post_attention_layernorm"
+    attn: str = "self_attn"
+    attn_out: str = "self_attn.o_proj"
+    attn_post_norm: str | None = None
+    mlp_act: str = "mlp.act_fn"
+    mlp_out: str = "mlp.down_proj"
+    mlp_post_norm: str | None = None
+    parallel: bool = False
+    post_norm: bool = False
+    norm: str = "rms"
+    gated: bool = True
+
+    def block(self, layer: int, rel: str) -> str:
+        """Absolute module path of ``rel`` inside block ``layer``."""
+        return f"{self.layers}.{layer}.{rel}" if rel else f"{self.layers}.{layer}"
+
+
+def llama_like(name: str, *model_types: str, **overrides) -> Family:
+    """A Llama-shaped family (pre-RMSNorm, gated MLP, rotary), with overrides."""
+    return replace(Family(name=name, model_types=model_types or (name,)), **overrides)

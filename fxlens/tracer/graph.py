@@ -1,0 +1,135 @@
+"""Helpers to read an exported FX graph: module paths, shapes, op classes."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+#: Ops that move or relabel data without changing values (eval-mode dropout included).
+IDENTITY_OPS = {
+    aten.dropout.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+    aten.detach.default,
+}
+
+#: Ops that only reshape, split or select (values preserved, layout changes).
+SHAPE_OPS = IDENTITY_OPS | {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.unbind.int,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.expand.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    operator.getitem,
+}
+
+ADD_OPS = {aten.add.Tensor, operator.add}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default}
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost HF module path of a node ('' outside any module)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return "" if path.startswith("_") else path
+
+
+def inside(node: fx.Node, path: str) -> bool:
+    """Whether ``node`` was produced inside module ``path`` or one of its children."""
+    p = module_path(node)
+    return p == path or p.startswith(path + ".")
+
+
+def tensor_val(node: fx.Node) -> torch.Tensor | None:
+    """The fake tensor recorded for a node, if it produces a single tensor."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def is_tensor(node: object) -> bool:
+    """Whether ``node`` is a graph node producing one tensor."""
+    return isinstance(node, fx.Node) and tensor_val(node) is not None
+
+
+def is_op(node: object, ops: Iterable) -> bool:
+    """Whether ``node`` calls one of ``ops``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in ops
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Positional args of ``node`` that are tensor-producing nodes (lists flattened)."""
+    out: list[fx.Node] = []
+    for a in node.args:
+        for x in a if isinstance(a, (list, tuple)) else (a,):
+            if is_tensor(x):
+                out.append(x)
+    return out
+
+
+def module_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
+    """Compute nodes produced inside module ``path``, in graph order."""
+    return [n for n in graph.nodes if n.op == "call_function" and inside(n, path)]
+
+
+def module_outputs(graph: fx.Graph, path: str) -> list[fx.Node]:
+    """Tensor nodes made inside ``path`` and read outside it (the module's outputs)."""
+    outs = []
+    for n in module_nodes(graph, path):
+        if is_tensor(n) and any(u.op == "output" or not inside(u, path) for u in n.users):
+            outs.append(n)
+    return outs
+
+
+def module_inputs(graph: fx.Graph, path: str) -> list[fx.Node]:
+    """Tensor nodes made outside ``path`` and read inside it (the module's inputs)."""
+    seen: dict[fx.Node, None] = {}
+    for n in module_nodes(graph, path):
+        for a in n.all_input_nodes:
+            if a.op != "get_attr" and is_tensor(a) and not inside(a, path):
+                seen[a] = None
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def follow_identity(node: fx.Node) -> fx.Node:
+    """Follow single-user identity ops (dropout, dtype casts, clones) forward."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not is_op(user, IDENTITY_OPS) or user.args[0] is not node:
+            break
+        node = user
+    return node
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """All nodes ``node`` depends on (inclusive)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen

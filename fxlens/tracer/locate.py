@@ -1,0 +1,274 @@
+"""Place every TransformerLens site in a captured graph, from module paths + structure."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .families import Family
+from .graph import (
+    IDENTITY_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ancestors, follow_identity, inside, is_op, is_tensor,
+    module_inputs, module_outputs, module_path, tensor_val,
+)
+from .sites import Site
+
+aten = torch.ops.aten
+_SCALAR_OPS = {aten.mul.Tensor, aten.div.Tensor}
+_PROJ_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+
+
+class SiteError(RuntimeError):
+    """Some sites could not be placed; the message names them."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model dimensions needed to recognise sites."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+
+
+def _root(n: fx.Node) -> fx.Node:
+    """Strip identity ops (dtype casts that are no-ops, dropout, clones)."""
+    while is_op(n, IDENTITY_OPS):
+        n = n.args[0]
+    return n
+
+
+def _is_scalar_scale(n: fx.Node) -> bool:
+    return is_op(n, _SCALAR_OPS) and not isinstance(n.args[1], fx.Node)
+
+
+class Locator:
+    """Finds sites for one captured graph; collects every failure before raising."""
+
+    def __init__(self, gm: fx.GraphModule, family: Family, shape: Shape):
+        self.g, self.f, self.s = gm.graph, family, shape
+        ids = next(n for n in self.g.nodes if n.op == "placeholder" and n.name == "input_ids")
+        b, s = tensor_val(ids).shape
+        self._b, self._s, self._bs = str(b), str(s), str(b * s)
+        self.sites: dict[str, Site] = {}
+        self.missing: list[str] = []
+
+    # -- shapes ---------------------------------------------------------------
+    def labels(self, n: fx.Node) -> tuple:
+        """Shape of ``n`` with batch/pos dims labelled ``B``, ``S``, ``BS``."""
+        v = tensor_val(n)
+        if v is None:
+            return ()
+        lab = {self._b: "B", self._s: "S", self._bs: "BS"}
+        return tuple(lab.get(str(d), d if isinstance(d, int) else str(d)) for d in v.shape)
+
+    def outputs(self, path: str) -> list[fx.Node]:
+        """Module outputs, leaving out inputs that merely pass through (no-op casts)."""
+        return [n for n in module_outputs(self.g, path) if inside(_root(n), path)]
+
+    def _hidden(self, nodes: list[fx.Node], width: int | None = None) -> fx.Node | None:
+        width = width or self.s.d_model
+        hits = [n for n in nodes if self.labels(n) in (("B", "S", width), ("BS", width), (1, "S", width))]
+        roots = {_root(n): n for n in hits}
+        return next(iter(roots.values())) if len(roots) == 1 else None
+
+    def add(self, name: str, node: fx.Node | None, module: str, layout: str | None = None, **kw) -> None:
+        """Record a site (or a miss when ``node`` is None)."""
+        if node is None and "derive" not in kw:
+            self.missing.append(f"{name} (looked in {module or 'graph'})")
+            return
+        if layout is None and node is not None:
+            layout = "flat" if self.labels(node)[:1] == ("BS",) else "same"
+        self.sites[name] = Site(name, node.name if node is not None else None, layout or "same", module=module, **kw)
+
+    def node(self, name: str) -> fx.Node | None:
+        site = self.sites.get(name)
+        return None if site is None or site.node is None else next(n for n in self.g.nodes if n.name == site.node)
+
+    # -- top level ------------------------------------------------------------
+    def run(self) -> dict[str, Site]:
+        f = self.f
+        self.add("hook_embed", self._hidden(self.outputs(f.embed)), f.embed)
+        if f.pos_embed:
+            self.add("hook_pos_embed", self._hidden(self.outputs(f.pos_embed)), f.pos_embed)
+        for layer in range(self.s.n_layers):
+            self.block(layer)
+        if f.ln_final:
+            self.norm("ln_final", f.ln_final)
+        self._check_chain()
+        if self.missing:
+            raise SiteError(
+                f"family {f.name!r}: could not place {len(self.missing)} site(s):\n  "
+                + "\n  ".join(self.missing)
+                + "\nThe model's layout differs from the rule; fix the rule's module paths."
+            )
+        return self.sites
+
+    def norm(self, prefix: str, path: str) -> None:
+        out = self._hidden(self.outputs(path))
+        self.add(f"{prefix}.hook_normalized", out, path)
+        op = next((n for n in self.g.nodes if inside(n, path)
+                   and is_op(n, {aten.rsqrt.default, aten.layer_norm.default})), None)
+        if op is None:
+            self.missing.append(f"{prefix}.hook_scale (no rsqrt/layer_norm op in {path})")
+        else:
+            self.add(f"{prefix}.hook_scale", None, path, derive="norm_scale", extra={"op": op.name})
+
+    def block(self, L: int) -> None:
+        f, p = self.f, f"blocks.{L}"
+        path = f.block(L, "")
+        pre = self._hidden(module_inputs(self.g, path))
+        self.add(f"{p}.hook_resid_pre", pre, path)
+        post_src = module_inputs(self.g, f.block(L, f.ln2)) if f.post_norm else self.outputs(path)
+        self.add(f"{p}.hook_resid_post", self._hidden(post_src), path)
+        self.norm(f"{p}.ln1", f.block(L, f.ln1))
+        self.norm(f"{p}.ln2", f.block(L, f.ln2))
+        attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
+        mlp_out = self._branch_out(L, f.mlp_out, f.mlp_post_norm)
+        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out))
+        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, f.mlp_out))
+        if not f.parallel and pre is not None and attn_out is not None:
+            mid = next((u for u in attn_out.users if is_op(u, {aten.add.Tensor, operator.add})
+                        and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
+            self.add(f"{p}.hook_resid_mid", mid, path)
+        mlp_in = self.node(f"{p}.hook_resid_mid") if not f.parallel and not f.post_norm else pre
+        if f.post_norm:  # BERT: the MLP reads ln1's output
+            mlp_in = self.node(f"{p}.ln1.hook_normalized")
+        self.add(f"{p}.hook_mlp_in", mlp_in, path, extra={"scope": f.block(L, f.ln2 if not f.post_norm else "")})
+        self.mlp(L)
+        self.attention(L)
+
+    def _branch_out(self, L: int, proj: str, post_norm: str | None) -> fx.Node | None:
+        mod = self.f.block(L, post_norm or proj)
+        out = self._hidden(self.outputs(mod))
+        return follow_identity(out) if out is not None else None
+
+    def mlp(self, L: int) -> None:
+        f, p = self.f, f"blocks.{L}.mlp"
+        act, down = f.block(L, f.mlp_act), f.block(L, f.mlp_out)
+        act_in = module_inputs(self.g, act)
+        pre = act_in[0] if len(act_in) == 1 else None
+        width = self.labels(pre)[-1] if pre is not None else None
+        self.add(f"{p}.hook_pre", pre, act)
+        post = self._hidden(module_inputs(self.g, down), width) if width else None
+        self.add(f"{p}.hook_post", post, down)
+        if f.gated and post is not None:
+            act_outs = {_root(n) for n in self.outputs(act)}
+            others = [a for a in post.args if isinstance(a, fx.Node) and _root(a) not in act_outs]
+            self.add(f"{p}.hook_pre_linear", others[0] if is_op(post, {aten.mul.Tensor}) and len(others) == 1
+                     else None, f.block(L, "mlp"))
+
+    # -- attention ------------------------------------------------------------
+    def attention(self, L: int) -> None:
+        f, p = self.f, f"blocks.{L}.attn"
+        path = f.block(L, f.attn)
+        nodes = [n for n in self.g.nodes if inside(n, path)]
+        sdpa = [n for n in nodes if is_op(n, SDPA_OPS)]
+        soft = [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+        if len(sdpa) == 1:
+            core = sdpa[0]
+            q, k, v = core.args[:3]
+            for name in ("hook_attn_scores", "hook_pattern", "hook_z"):
+                self.add(f"{p}.{name}", None, path, layout="bhsd" if name == "hook_z" else "same",
+                         derive="attention", extra={"sdpa": core.name})
+        elif len(soft) == 1:
+            scores, pattern = soft[0].args[0], follow_identity(soft[0])
+            z = next((u for u in pattern.users if is_op(u, {aten.matmul.default, aten.bmm.default})), None)
+            qk = scores
+            while qk is not None and not is_op(qk, {aten.matmul.default, aten.bmm.default}):
+                qk = qk.args[0] if isinstance(qk.args[0], fx.Node) else None
+            if z is None or qk is None:
+                self.missing.append(f"{p}.* (eager attention in {path} has no q@k / pattern@v matmuls)")
+                return
+            q, k, v = qk.args[0], qk.args[1], z.args[1]
+            self.add(f"{p}.hook_attn_scores", scores, path)
+            self.add(f"{p}.hook_pattern", pattern, path)
+            self.add(f"{p}.hook_z", z, path, layout="bhsd")
+        else:
+            self.missing.append(f"{p}.* (expected one attention op in {path}, found "
+                                f"{len(sdpa)} SDPA and {len(soft)} softmax)")
+            return
+        targets = {}
+        for which, arg in (("q", q), ("k", k), ("v", v)):
+            n = arg
+            while is_op(n, SHAPE_OPS) or _is_scalar_scale(n):
+                n = n.args[0]
+            targets[which] = (arg, n)
+        for which, heads in (("q", self.s.n_heads), ("k", self.s.n_kv_heads), ("v", self.s.n_kv_heads)):
+            arg, first = targets[which]
+            others = set().union(*(ancestors(targets[o][0]) for o in targets if o != which))
+            proj = first if self._is_proj(first, path) else self._nearest_proj(first, path)
+            if proj is None:
+                self.missing.append(f"{p}.hook_{which} (no projection feeding attention {which} in {path})")
+                continue
+            node = self._first_of_size(proj, ancestors(arg), others, heads * self.s.d_head)
+            self.add(f"{p}.hook_{which}", node, module_path(proj), layout=self._head_layout(node, heads),
+                     extra={"proj": proj.name, "heads": heads})
+            if first is not proj and which != "v":
+                self.add(f"{p}.hook_rot_{which}", first, path, layout=self._head_layout(first, heads),
+                         extra={"heads": heads})
+
+    def _is_proj(self, n: fx.Node, attn_path: str) -> bool:
+        """A linear-like op in a child module of the attention, or that child's output."""
+        mod = module_path(n)
+        if not mod.startswith(attn_path + ".") or not is_tensor(n):
+            return False
+        return any(is_op(a, _PROJ_OPS) for a in ancestors(n) if module_path(a) == mod)
+
+    def _nearest_proj(self, n: fx.Node, attn_path: str) -> fx.Node | None:
+        order = {x: i for i, x in enumerate(self.g.nodes)}
+        cands = [a for a in ancestors(n) if self._is_proj(a, attn_path)
+                 and not any(self._is_proj(u, attn_path) and module_path(u) == module_path(a) for u in a.users)]
+        return max(cands, key=order.__getitem__) if cands else None
+
+    def _first_of_size(self, start: fx.Node, allowed: set, others: set, size: int) -> fx.Node | None:
+        """Earliest node on the shape-op chain from ``start`` holding exactly one of q/k/v."""
+        todo = [start]
+        while todo:
+            n = todo.pop(0)
+            lab = self.labels(n)
+            if lab and n not in others and _per_token(lab) == size:
+                return n
+            todo += [u for u in n.users if u in allowed and (is_op(u, SHAPE_OPS) or _is_scalar_scale(u))]
+        return None
+
+    def _head_layout(self, n: fx.Node | None, heads: int) -> str:
+        if n is None:
+            return "same"
+        lab = self.labels(n)
+        if lab == ("B", "S", heads, self.s.d_head):
+            return "same"
+        if lab == ("B", heads, "S", self.s.d_head):
+            return "bhsd"
+        return "heads"
+
+    # -- checks ---------------------------------------------------------------
+    def _check_chain(self) -> None:
+        """Pre-norm models: resid_post of block L must be resid_pre of block L+1."""
+        if self.f.post_norm:
+            return
+        for L in range(self.s.n_layers - 1):
+            a, b = self.node(f"blocks.{L}.hook_resid_post"), self.node(f"blocks.{L + 1}.hook_resid_pre")
+            if a is not None and b is not None and _root(a) is not _root(b):
+                self.missing.append(f"blocks.{L}.hook_resid_post is not blocks.{L + 1}.hook_resid_pre "
+                                    f"({a.name} vs {b.name})")
+
+
+def _per_token(labels: tuple) -> int:
+    n = 1
+    for d in labels:
+        if d in ("B", "S", "BS"):
+            continue
+        if not isinstance(d, int):
+            return -1
+        n *= d
+    return n
+
+
+def locate(gm: fx.GraphModule, family: Family, shape: Shape) -> dict[str, Site]:
+    """Every site of ``family`` in ``gm``; raises ``SiteError`` naming what is missing."""
+    return Locator(gm, family, shape).run()

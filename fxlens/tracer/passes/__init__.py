@@ -1,0 +1,1 @@
+"""Graph rewrites applied on demand when a specialised graph needs a derived site."""

@@ -1,0 +1,137 @@
+"""Build the graph for one hook signature: cached sites become outputs, hooked sites call hooks.
+
+A signature is which sites are cached, which run Python hooks, and where to stop. The
+bare graph (no sites) is the captured graph itself: no overhead against HF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..interventions.hooks import run_hook
+from .graph import inside
+from .passes.attention import expand_sdpa
+from .passes.norm_scale import expose_scale
+from .sites import SPECS, Site, layer_of, template
+
+_ORDER = {name: i for i, name in enumerate(SPECS)}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A hook signature. ``cache`` keeps its order: it is the order of the outputs."""
+
+    cache: tuple[str, ...] = ()
+    hooks: frozenset[str] = frozenset()
+    stop_at_layer: int | None = None
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[.., heads*d_head]`` -> ``[.., heads, d_head]``."""
+    return x.unflatten(-1, (heads, -1))
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[.., heads, d_head]`` -> ``[.., heads*d_head]``."""
+    return x.flatten(-2)
+
+
+def swap_head_pos(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, head, pos, d]`` <-> ``[batch, pos, head, d]``."""
+    return x.transpose(1, 2)
+
+
+def unflatten_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch*pos, ..]`` -> ``[batch, pos, ..]`` using the token tensor's shape."""
+    return x.unflatten(0, (ids.shape[0], ids.shape[1]))
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[batch, pos, ..]`` -> ``[batch*pos, ..]``."""
+    return x.flatten(0, 1)
+
+
+def _present(graph: fx.Graph, x: fx.Node, site: Site, ids: fx.Node) -> tuple[fx.Node, object]:
+    """Insert the view that gives the site's shape; returns (view, inverse function)."""
+    if site.layout == "heads":
+        return graph.call_function(split_heads, (x, site.extra["heads"])), merge_heads
+    if site.layout == "bhsd":
+        return graph.call_function(swap_head_pos, (x,)), swap_head_pos
+    if site.layout == "flat":
+        return graph.call_function(unflatten_rows, (x, ids)), flatten_rows
+    return x, None
+
+
+def _sort_key(name: str, pos: dict, node: fx.Node, n_layers: int) -> tuple:
+    layer = layer_of(name)
+    layer = (-1 if name.startswith("hook_") else n_layers) if layer is None else layer
+    return pos[node], layer, _ORDER[template(name)]
+
+
+def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_layers: int) -> fx.GraphModule:
+    """A new graph module for ``req``: ``(input_ids, attention_mask) -> (out, *cached)``."""
+    graph = fx.Graph()
+    out = graph.graph_copy(base.graph, {})
+    nodes = {n.name: n for n in graph.nodes}
+    ids = nodes["input_ids"]
+    wanted = set(req.cache) | set(req.hooks)
+    stop_site = None
+    if req.stop_at_layer is not None:
+        stop_site = (f"blocks.{req.stop_at_layer}.hook_resid_pre" if req.stop_at_layer < n_layers
+                     else f"blocks.{n_layers - 1}.hook_resid_post")
+        wanted.add(stop_site)
+
+    # 1. create derived sites (attention internals, norm scales) where asked
+    value: dict[str, fx.Node] = {}
+    replaced: dict[str, fx.Node] = {}
+    expanded: dict[str, dict[str, fx.Node]] = {}
+    for name in sorted(wanted):
+        site = sites[name]
+        if site.derive == "attention":
+            key = site.extra["sdpa"]
+            if key not in expanded:
+                expanded[key] = expand_sdpa(graph, nodes[key])
+            value[name] = expanded[key][name.rsplit(".", 1)[1]]
+        elif site.derive == "norm_scale":
+            op = nodes[site.extra["op"]]
+            value[name], new = expose_scale(graph, op)
+            if new is not None:
+                replaced[op.name] = new
+    for name in wanted - value.keys():
+        node_name = sites[name].node
+        value[name] = replaced.get(node_name) or nodes[node_name]
+
+    # 2. insert views, hook calls and cache outputs in graph order
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    current: dict[fx.Node, fx.Node] = {}
+    presented: dict[str, fx.Node] = {}
+    cache_views: set[fx.Node] = set()
+    for name in sorted(wanted, key=lambda n: _sort_key(n, pos, value[n], n_layers)):
+        site, base_node = sites[name], value[name]
+        x = current.get(base_node, base_node)
+        with graph.inserting_before(x.next):
+            view, inverse = _present(graph, x, site, ids)
+            if name not in req.hooks:
+                presented[name] = view
+                cache_views.add(view)
+                continue
+            hooked = graph.call_function(run_hook, (name, view))
+            back = graph.call_function(inverse, (hooked,)) if inverse else hooked
+        scope = site.extra.get("scope")
+        keep = cache_views | ({view, back} if view is not x else {hooked})
+        x.replace_all_uses_with(
+            back, delete_user_cb=lambda u: u not in keep and (scope is None or inside(u, scope)))
+        if scope is None:
+            current[base_node] = back
+        presented[name] = hooked
+
+    main = presented[stop_site] if stop_site else out
+    if stop_site and sites[stop_site].layout != "same":
+        raise ValueError(f"stop_at_layer needs {stop_site} in [batch, pos, d_model] layout")
+    graph.output((main, *(presented[n] for n in req.cache)))
+    graph.eliminate_dead_code()
+    graph.lint()
+    return fx.GraphModule(base, graph, class_name="SpecialisedModel")
