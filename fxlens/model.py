@@ -17,7 +17,7 @@ from .interventions.hooks import HookFn, HookRegistry, active
 from .tokens import TokenMixin
 from .tracer.families import Family
 from .tracer.sites import SPECS, Site, layer_of, spec, template
-from .tracer.specialise import Request, specialise
+from .tracer.specialise import Request, specialise, split_index
 
 NameFilter = str | Iterable[str] | Callable[[str], bool] | None
 _MAX_GRAPHS = 32
@@ -37,6 +37,7 @@ class HookedModel(TokenMixin):
         self._base, self._sites = graph, sites
         self._graphs: OrderedDict[Request, Callable] = OrderedDict()
         self._registry = HookRegistry()
+        self._split_index: dict | None = None
         self.last_attention_mask: torch.Tensor | None = None
         self.hook_names: list[str] = sorted(sites, key=self._site_order)
 
@@ -72,7 +73,7 @@ class HookedModel(TokenMixin):
     def _graph(self, req: Request) -> Callable:
         fn = self._graphs.get(req)
         if fn is None:
-            gm = self._base if req == Request() else specialise(self._base, self._sites, req, self.cfg.n_layers)
+            gm = self._base if req == Request() else self._specialise(req)
             fn = torch.compile(gm, dynamic=True) if self.compile else gm
             self._graphs[req] = fn
             if len(self._graphs) > _MAX_GRAPHS:
@@ -80,6 +81,12 @@ class HookedModel(TokenMixin):
         else:
             self._graphs.move_to_end(req)
         return fn
+
+    def _specialise(self, req: Request) -> fx.GraphModule:
+        split = any(n.rsplit(".", 1)[1].endswith(("_input", "attn_in")) for n in (*req.cache, *req.hooks))
+        if split and self._split_index is None:
+            self._split_index = split_index(self._base, self._sites, self.cfg.n_layers)
+        return specialise(self._base, self._sites, req, self.cfg.n_layers, self.hf_model, self._split_index)
 
     def _inputs(self, input, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(input, (str, list)) and not (isinstance(input, list) and input and isinstance(input[0], int)):

@@ -207,10 +207,15 @@ class Locator:
                 continue
             node = self._first_of_size(proj, ancestors(arg), others, heads * self.s.d_head)
             self.add(f"{p}.hook_{which}", node, module_path(proj), layout=self._head_layout(node, heads),
-                     extra={"proj": proj.name, "heads": heads})
+                     extra={"proj": proj.name, "proj_module": module_path(proj), "heads": heads})
             if first is not proj and which != "v":
                 self.add(f"{p}.hook_rot_{which}", first, path, layout=self._head_layout(first, heads),
                          extra={"heads": heads})
+
+        ln = None if f.post_norm else f.block(L, f.ln1)
+        for name, heads in (("hook_attn_in", self.s.n_heads), ("hook_q_input", self.s.n_heads),
+                            ("hook_k_input", self.s.n_kv_heads), ("hook_v_input", self.s.n_kv_heads)):
+            self.add(f"blocks.{L}.{name}", None, path, derive="split_input", extra={"ln": ln, "heads": heads})
 
     def _is_proj(self, n: fx.Node, attn_path: str) -> bool:
         """A linear-like op in a child module of the attention, or that child's output."""

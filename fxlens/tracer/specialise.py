@@ -15,6 +15,7 @@ from ..interventions.hooks import run_hook
 from .graph import inside
 from .passes.attention import expand_sdpa
 from .passes.norm_scale import expose_scale
+from .passes.split_inputs import SPLIT_SITES, build_split_inputs, probe_feature_index
 from .sites import SPECS, Site, layer_of, template
 
 _ORDER = {name: i for i, name in enumerate(SPECS)}
@@ -71,8 +72,26 @@ def _sort_key(name: str, pos: dict, node: fx.Node, n_layers: int) -> tuple:
     return pos[node], layer, _ORDER[template(name)]
 
 
-def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_layers: int) -> fx.GraphModule:
-    """A new graph module for ``req``: ``(input_ids, attention_mask) -> (out, *cached)``."""
+def split_index(base: fx.GraphModule, sites: dict[str, Site], n_layers: int) -> dict[str, torch.Tensor]:
+    """Feature index of every q/k/v head (for split-input sites), probed once per model."""
+    nodes = {n.name: n for n in base.graph.nodes}
+    probes = {}
+    for L in range(n_layers):
+        for w in "qkv":
+            s = sites[f"blocks.{L}.attn.hook_{w}"]
+            fn, args = {"heads": (split_heads, (s.extra["heads"],)), "bhsd": (swap_head_pos, ()),
+                        "same": (lambda x: x, ())}[s.layout]
+            probes[f"{L}.{w}"] = (nodes[s.extra["proj"]], nodes[s.node], fn, *args)
+    return probe_feature_index(base, probes)
+
+
+def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_layers: int,
+               modules: object = None, index: dict | None = None) -> fx.GraphModule:
+    """A new graph module for ``req``: ``(input_ids, attention_mask) -> (out, *cached)``.
+
+    ``modules`` (the HF model) and ``index`` (from :func:`split_index`) are needed only
+    for split-input sites.
+    """
     graph = fx.Graph()
     out = graph.graph_copy(base.graph, {})
     nodes = {n.name: n for n in graph.nodes}
@@ -87,6 +106,12 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     # 1. create derived sites (attention internals, norm scales) where asked
     value: dict[str, fx.Node] = {}
     replaced: dict[str, fx.Node] = {}
+    attrs: dict[str, object] = {}
+    split_layers = sorted({layer_of(n) for n in wanted if n.rsplit(".", 1)[1] in SPLIT_SITES})
+    for L in split_layers:
+        if index is None or modules is None:
+            raise ValueError("split-input sites need the HF model and the probed feature index")
+        value.update(build_split_inputs(graph, nodes, sites, L, wanted, index, attrs))
     expanded: dict[str, dict[str, fx.Node]] = {}
     for name in sorted(wanted):
         site = sites[name]
@@ -100,6 +125,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
             value[name], new = expose_scale(graph, op)
             if new is not None:
                 replaced[op.name] = new
+    out = replaced.get(out.name, out)
     for name in wanted - value.keys():
         node_name = sites[name].node
         value[name] = replaced.get(node_name) or nodes[node_name]
@@ -132,6 +158,16 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     if stop_site and sites[stop_site].layout != "same":
         raise ValueError(f"stop_at_layer needs {stop_site} in [batch, pos, d_model] layout")
     graph.output((main, *(presented[n] for n in req.cache)))
-    graph.eliminate_dead_code()
-    graph.lint()
-    return fx.GraphModule(base, graph, class_name="SpecialisedModel")
+    root = {n.target: _attr(base, n.target) for n in graph.nodes if n.op == "get_attr" and n.target not in attrs}
+    root.update({k: (v if v is not None else modules.get_submodule(k)) for k, v in attrs.items()})
+    gm = fx.GraphModule(root, graph, class_name="SpecialisedModel")
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _attr(root: object, target: str) -> object:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root

@@ -1,0 +1,86 @@
+"""The ``fxlens`` command line.
+
+    fxlens sites MODEL [--filter TEXT] [--block L]   the hook site table of a model
+
+MODEL is a hub name, a local HF folder, a ``.gguf`` file, or ``offline:smollm2`` /
+``offline:minilm`` for the models shipped by the offline packages. Subcommands are
+argparse subparsers: add one with a ``_add_<name>`` function and list it in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _load(model: str, dtype: str = "float32", device: str = "cpu"):
+    import torch
+
+    import fxlens
+
+    if model.startswith("offline:"):
+        model = fxlens.offline_model_path(model.split(":", 1)[1])
+    return fxlens.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="hub name, local folder, .gguf file, or offline:smollm2 / offline:minilm")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+
+
+# -- sites ----------------------------------------------------------------------------------
+def _add_sites(sub) -> None:
+    p = sub.add_parser("sites", help="print the hook site table (name, shape, HF module, found by)",
+                       description="Trace MODEL and print every hook site with its shape, the HF module "
+                                   "it was found in, and how it was found (family rule or discovery).")
+    _model_args(p)
+    p.add_argument("--filter", default=None, help="only sites whose name contains this text")
+    p.add_argument("--block", type=int, default=None,
+                   help="only this block's sites (plus the sites outside the blocks)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=_cmd_sites)
+
+
+def _cmd_sites(args) -> int:
+    m = _load(args.model, args.dtype, args.device)
+    rows = m.site_table()
+    if args.block is not None:
+        rows = [r for r in rows if r["name"].startswith(f"blocks.{args.block}.") or not r["name"].startswith("blocks.")]
+    if args.filter:
+        rows = [r for r in rows if args.filter in r["name"]]
+    cols = ("name", "shape", "module", "found_by")
+    heads = ("site", "shape", "HF module", "found by")
+    print(repr(m))
+    if args.markdown:
+        print("| " + " | ".join(heads) + " |\n|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(f"`{r[c]}`" if c != "found_by" else str(r[c]) for c in cols) + " |")
+    else:
+        w = [max([len(h)] + [len(str(r[c])) for r in rows]) for c, h in zip(cols, heads)]
+        print("  ".join(h.ljust(n) for h, n in zip(heads, w)).rstrip())
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(n) for c, n in zip(cols, w)).rstrip())
+    print(f"{len(rows)} of {len(m.hook_names)} sites shown")
+    return 0
+
+
+_COMMANDS = (_add_sites,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxlens", description="TransformerLens-style hooks on HF models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
