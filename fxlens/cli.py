@@ -47,7 +47,8 @@ def _cmd_sites(args) -> int:
     m = _load(args.model, args.dtype, args.device)
     rows = m.site_table()
     if args.block is not None:
-        rows = [r for r in rows if r["name"].startswith(f"blocks.{args.block}.") or not r["name"].startswith("blocks.")]
+        prefix = f"blocks.{args.block}."
+        rows = [r for r in rows if r["name"].startswith(prefix) or not r["name"].startswith("blocks.")]
     if args.filter:
         rows = [r for r in rows if args.filter in r["name"]]
     cols = ("name", "shape", "module", "found_by")

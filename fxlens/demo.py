@@ -30,8 +30,8 @@ def print_sites(m: fxlens.HookedModel) -> None:
     """Block 0's sites and the sites outside the blocks, one row each."""
     table = m.site_table()
     rows = [r for r in table if r["name"].startswith("blocks.0.") or not r["name"].startswith("blocks.")]
-    w = [max(len(str(r[k])) for r in rows + [dict(name="site", shape="shape", module="HF module",
-                                                     found_by="found by")]) for k in ("name", "shape", "module")]
+    head = {"name": "site", "shape": "shape", "module": "HF module"}
+    w = [max(len(str(r[k])) for r in [*rows, head]) for k in ("name", "shape", "module")]
     print(f"{'site':<{w[0]}}  {'shape':<{w[1]}}  {'HF module':<{w[2]}}  found by")
     for r in rows:
         print(f"{r['name']:<{w[0]}}  {r['shape']:<{w[1]}}  {r['module']:<{w[2]}}  {r['found_by']}")
