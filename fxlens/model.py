@@ -83,7 +83,7 @@ class HookedModel(TokenMixin):
         return fn
 
     def _specialise(self, req: Request) -> fx.GraphModule:
-        split = any(n.rsplit(".", 1)[1].endswith(("_input", "attn_in")) for n in (*req.cache, *req.hooks))
+        split = any(n.endswith(("_input", "hook_attn_in")) for n in (*req.cache, *req.hooks))
         if split and self._split_index is None:
             self._split_index = split_index(self._base, self._sites, self.cfg.n_layers)
         return specialise(self._base, self._sites, req, self.cfg.n_layers, self.hf_model, self._split_index)

@@ -31,8 +31,9 @@ class Captured:
 
 def _example_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     vocab = getattr(model.config, "vocab_size", 2) or 2
-    # batch >= 2 and seq >= 2, or export specialises those dims to constants.
-    ids = torch.arange(2 * 8, device=device).reshape(2, 8) % vocab
+    # batch >= 2 and seq >= 2, or export specialises those dims to constants. A prime
+    # length keeps pos recognisable where a family's code specialises it (Gemma 2 eager).
+    ids = torch.arange(2 * 11, device=device).reshape(2, 11) % vocab
     return ids, torch.ones_like(ids)
 
 
@@ -46,7 +47,7 @@ def capture(model: nn.Module) -> Captured:
     device = next(model.parameters()).device
     ids, mask = _example_inputs(model, device)
     n_ctx = _n_ctx(model.config)
-    seq = Dim("seq", min=1, max=n_ctx) if n_ctx else Dim("seq")
+    seq = Dim("seq", max=n_ctx) if n_ctx else Dim("seq")
     kwargs: dict = {"input_ids": ids, "attention_mask": mask}
     shapes: dict = {"input_ids": {0: Dim("batch"), 1: seq}, "attention_mask": {0: Dim("batch"), 1: seq}}
     if getattr(model.config, "use_cache", None) is not None or hasattr(model, "generate"):

@@ -116,7 +116,8 @@ class Locator:
         if op is None:
             self.missing.append(f"{prefix}.hook_scale (no rsqrt/layer_norm op in {path})")
         else:
-            self.add(f"{prefix}.hook_scale", None, path, derive="norm_scale", extra={"op": op.name})
+            layout = "flat" if out is not None and self.labels(out)[:1] == ("BS",) else "same"
+            self.add(f"{prefix}.hook_scale", None, path, layout=layout, derive="norm_scale", extra={"op": op.name})
 
     def block(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}"

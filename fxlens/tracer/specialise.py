@@ -107,7 +107,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     value: dict[str, fx.Node] = {}
     replaced: dict[str, fx.Node] = {}
     attrs: dict[str, object] = {}
-    split_layers = sorted({layer_of(n) for n in wanted if n.rsplit(".", 1)[1] in SPLIT_SITES})
+    split_layers = sorted({layer_of(n) for n in wanted if n.rsplit(".", 1)[-1] in SPLIT_SITES})
     for L in split_layers:
         if index is None or modules is None:
             raise ValueError("split-input sites need the HF model and the probed feature index")
