@@ -111,7 +111,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     for L in split_layers:
         if index is None or modules is None:
             raise ValueError("split-input sites need the HF model and the probed feature index")
-        value.update(build_split_inputs(graph, nodes, sites, L, wanted, index, attrs))
+        value.update(build_split_inputs(graph, nodes, sites, L, wanted, index, attrs, replaced))
     expanded: dict[str, dict[str, fx.Node]] = {}
     for name in sorted(wanted):
         site = sites[name]

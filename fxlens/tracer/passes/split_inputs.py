@@ -90,11 +90,13 @@ SPLIT_SITES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 def build_split_inputs(graph: fx.Graph, nodes: dict[str, fx.Node], sites: dict, layer: int, wanted: set[str],
-                       index: dict[str, torch.Tensor], attrs: dict[str, object]) -> dict[str, fx.Node]:
+                       index: dict[str, torch.Tensor], attrs: dict[str, object],
+                       replaced: dict[str, fx.Node]) -> dict[str, fx.Node]:
     """Rewire block ``layer`` so q/k/v are computed from per-head input copies.
 
     ``attrs`` receives the HF modules and index tensors the new nodes reference
-    (module path -> module). Returns the new site nodes by site name.
+    (module path -> module); ``replaced`` maps each old q/k/v node to its new node.
+    Returns the new input site nodes by site name.
     """
     p = f"blocks.{layer}"
     resid = nodes[sites[f"{p}.hook_resid_pre"].node]
@@ -123,6 +125,7 @@ def build_split_inputs(graph: fx.Graph, nodes: dict[str, fx.Node], sites: dict, 
             old = nodes[site.node]
             new = _to_layout(graph, picked, site.layout)
             old.replace_all_uses_with(new)
+            replaced[old.name] = new
             for mod in (ln, site.extra["proj_module"]):
                 if mod:
                     attrs[mod] = None  # resolved by the caller from the HF model
