@@ -121,7 +121,7 @@ def offline_model_path(name: str) -> str:
     root = Path(found.origin).parent
     if filename:
         return str(root / filename)
-    cfgs = sorted(root.rglob("config.json"))
+    cfgs = sorted((c for c in root.rglob("config.json") if '"model_type"' in c.read_text()), key=lambda c: len(c.parts))
     if not cfgs:
         raise FileNotFoundError(f"no config.json inside {root}")
     return str(cfgs[0].parent)
