@@ -63,7 +63,7 @@ def _cmd_sites(args) -> int:
         print("  ".join(h.ljust(n) for h, n in zip(heads, w)).rstrip())
         for r in rows:
             print("  ".join(str(r[c]).ljust(n) for c, n in zip(cols, w)).rstrip())
-    print(f"{len(rows)} of {len(m.hook_names)} sites shown")
+    print(f"{len(rows)} of {len(m.all_hook_names)} sites shown")
     return 0
 
 

@@ -21,6 +21,7 @@ from .tracer.specialise import Request, specialise, split_index
 
 NameFilter = str | Iterable[str] | Callable[[str], bool] | None
 _MAX_GRAPHS = 32
+_SPLIT_SUFFIXES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 class HookedModel(TokenMixin):
@@ -39,12 +40,23 @@ class HookedModel(TokenMixin):
         self._registry = HookRegistry()
         self._split_index: dict | None = None
         self.last_attention_mask: torch.Tensor | None = None
-        self.hook_names: list[str] = sorted(sites, key=self._site_order)
+        self.all_hook_names: list[str] = sorted(sites, key=self._site_order)
+        self.use_split_inputs = False
 
     def _site_order(self, name: str) -> tuple:
         layer = layer_of(name)
         layer = (-1 if name.startswith("hook_") else self.cfg.n_layers) if layer is None else layer
         return layer, list(SPECS).index(template(name))
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Site names in forward order. Split-input sites (``hook_attn_in``, ``hook_{q,k,v}_input``)
+        recompute ln1 and the projections once per head, so, as in TransformerLens, they are
+        listed (and matched by filters) only when ``use_split_inputs`` is True; by full name
+        they always work."""
+        if self.use_split_inputs:
+            return list(self.all_hook_names)
+        return [n for n in self.all_hook_names if not n.endswith(_SPLIT_SUFFIXES)]
 
     @property
     def device(self) -> torch.device:
@@ -65,9 +77,9 @@ class HookedModel(TokenMixin):
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             if n not in self._sites:
-                close = difflib.get_close_matches(n, self.hook_names, n=5, cutoff=0.5)
+                close = difflib.get_close_matches(n, self.all_hook_names, n=5, cutoff=0.5)
                 raise KeyError(f"unknown site {n!r} for this {self.cfg.family} model; closest: {close}")
-        return sorted(set(names), key=self.hook_names.index)
+        return sorted(set(names), key=self.all_hook_names.index)
 
     # -- graphs ---------------------------------------------------------------
     def _graph(self, req: Request) -> Callable:
@@ -83,7 +95,7 @@ class HookedModel(TokenMixin):
         return fn
 
     def _specialise(self, req: Request) -> fx.GraphModule:
-        split = any(n.endswith(("_input", "hook_attn_in")) for n in (*req.cache, *req.hooks))
+        split = any(n.endswith(_SPLIT_SUFFIXES) for n in (*req.cache, *req.hooks))
         if split and self._split_index is None:
             self._split_index = split_index(self._base, self._sites, self.cfg.n_layers)
         return specialise(self._base, self._sites, req, self.cfg.n_layers, self.hf_model, self._split_index)
@@ -193,7 +205,7 @@ class HookedModel(TokenMixin):
     def site_table(self) -> list[dict]:
         """One row per site: name, shape, HF module path, how it was found."""
         return [{"name": n, "shape": spec(n).shape, "module": self._sites[n].module,
-                 "found_by": self._sites[n].found_by} for n in self.hook_names]
+                 "found_by": self._sites[n].found_by} for n in self.all_hook_names]
 
     def __repr__(self) -> str:
         c = self.cfg

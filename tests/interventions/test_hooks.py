@@ -17,7 +17,7 @@ _settings = settings(max_examples=25, deadline=None, suppress_health_check=[Heal
 @given(family=st.sampled_from(FAMILIES), data=st.data())
 def test_identity_hook_on_any_site_leaves_output_unchanged(family, data):
     m = traced(family)
-    site = data.draw(st.sampled_from(m.hook_names))
+    site = data.draw(st.sampled_from(m.all_hook_names))
     ids = tokens(2, 6)
     seen = []
     out = m.run_with_hooks(ids, fwd_hooks=[(site, lambda x, hook: seen.append(hook.name) or x.clone())])

@@ -63,6 +63,10 @@ def test_site_shapes_follow_the_catalogue(family):
     dims = {"batch": 2, "pos": 5, "q_pos": 5, "k_pos": 5, "d_model": c.d_model, "n_heads": c.n_heads,
             "n_kv_heads": c.n_kv_heads, "d_head": c.d_head, "d_mlp": c.d_mlp, "1": 1}
     assert set(cache) == set(m.hook_names)
+    split = [n for n in m.all_hook_names if n not in m.hook_names]
+    assert len(split) == 4 * m.cfg.n_layers  # attn_in, q/k/v_input: opt-in, as in TransformerLens
+    _, split_cache = m.run_with_cache(ids, names_filter=split)
+    cache = {**cache, **split_cache}
     for name, value in cache.items():
         shape = spec(name).shape.strip("[]").split(", ")
         if name == "hook_pos_embed":
