@@ -38,6 +38,10 @@ def print_sites(m: fxlens.HookedModel) -> None:
     per_block = sum(r["name"].startswith("blocks.0.") for r in table)
     print(f"... {len(table)} sites in total: {per_block} per block x {m.cfg.n_layers} blocks "
           f"+ {len(table) - per_block * m.cfg.n_layers} outside the blocks")
+    split = len(table) - len(m.hook_names)
+    if split:
+        print(f"    ({len(m.hook_names)} in m.hook_names: the {split} split-input sites (hook_attn_in, "
+              "hook_q/k/v_input) are matched by filters only with m.use_split_inputs = True)")
 
 
 def main() -> None:
