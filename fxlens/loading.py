@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -12,36 +13,49 @@ from torch import nn
 
 from .config import ModelConfig, hf_dims
 from .model import HookedModel
+from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
 from .tracer.families import rule_for
 from .tracer.locate import Shape, locate
 
 
-def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False) -> HookedModel:
+def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_cache: bool = True) -> HookedModel:
     """Capture an already-loaded HF model and place its sites.
 
     The model is put in eval mode; it stays usable and shares parameters with the graph.
+    With ``graph_cache`` (default; off when ``FXLENS_GRAPH_CACHE=0``) the captured graph
+    and site table are stored on disk by model structure and reused by later calls.
     """
     hf_model.eval()
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
     family = rule_for(config.model_type)
-    n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
-    cap = capture(hf_model)
-    sites = locate(cap.gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head))
-    cfg = _model_config(hf_model, config, family, cap.gm, sites)
-    return HookedModel(hf_model, tokenizer, cap.gm, cap.output, family, sites, cfg, compile, cap.seconds)
+    use_cache = graph_cache and os.environ.get("FXLENS_GRAPH_CACHE", "1") != "0"
+    t0 = time.perf_counter()
+    hit = graph_cache_mod.load(hf_model) if use_cache else None
+    if hit is not None:
+        gm, output, sites, extra = hit
+    else:
+        n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+        cap = capture(hf_model)
+        gm, output = cap.gm, cap.output
+        sites = locate(gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head))
+        nodes = {n.name: n for n in gm.graph.nodes}
+        extra = {"d_mlp": int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1])}
+        if use_cache:
+            graph_cache_mod.save(hf_model, gm, output, sites, extra)
+    cfg = _model_config(hf_model, config, family, sites, extra["d_mlp"])
+    model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0)
+    model.graph_from_cache = hit is not None
+    return model
 
 
-def _model_config(hf_model, config, family, gm, sites) -> ModelConfig:
+def _model_config(hf_model, config, family, sites, d_mlp: int) -> ModelConfig:
     n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    pre = nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"]
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0].meta["val"]
     param = next(hf_model.parameters())
     rotary = "blocks.0.attn.hook_rot_q" in sites
     return ModelConfig(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head,
-        d_mlp=int(pre.shape[-1]), d_vocab=int(getattr(config, "vocab_size", out.shape[-1])),
+        d_mlp=d_mlp, d_vocab=int(config.vocab_size),
         n_ctx=next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if hasattr(config, k)),
                    None),
         family=family.name, model_type=config.model_type,

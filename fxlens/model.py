@@ -39,6 +39,7 @@ class HookedModel(TokenMixin):
         self._graphs: OrderedDict[Request, Callable] = OrderedDict()
         self._registry = HookRegistry()
         self._split_index: dict | None = None
+        self.graph_from_cache = False  # set by trace(): graph and sites came from the disk cache
         self.last_attention_mask: torch.Tensor | None = None
         self.all_hook_names: list[str] = sorted(sites, key=self._site_order)
         self.use_split_inputs = False

@@ -52,7 +52,7 @@ _TRACED: dict[str, fxlens.HookedModel] = {}
 def traced(family: str) -> fxlens.HookedModel:
     """The session's traced tiny model of ``family``."""
     if family not in _TRACED:
-        _TRACED[family] = fxlens.trace(tiny_hf(family))
+        _TRACED[family] = fxlens.trace(tiny_hf(family), graph_cache=False)  # always exercise capture
     return _TRACED[family]
 
 
