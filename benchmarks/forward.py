@@ -98,6 +98,7 @@ def main() -> None:
             for k, fn in variants.items():
                 times[k].append(_time(fn))
 
+    cold_s = _time(lambda: fxlens.trace(hf, m.tokenizer, graph_cache=False))
     trace_s = _time(lambda: fxlens.trace(hf, m.tokenizer))
 
     stats = {k: (min(v), statistics.median(v)) for k, v in times.items()}
@@ -136,15 +137,14 @@ def main() -> None:
         r_lo, r_med = a_lo / b_lo, a_med / b_med
         met = " / ".join("yes" if r <= target else "no" for r in (r_lo, r_med))
         lines.append(f"| {name} | {r_lo:.3f} | {r_med:.3f} | ≤ {target:.2f} | {met} |")
-    cap = m.capture_seconds
     lines += [
         "",
         "| capture | seconds | target | met |",
         "|---|---:|---:|---|",
-        f"| `m.capture_seconds` (during `from_pretrained`) | {cap:.2f} | ≤ {CAPTURE_TARGET_S:.0f} | "
-        f"{'yes' if cap <= CAPTURE_TARGET_S else 'no'} |",
-        f"| `fxlens.trace(hf_model, tokenizer)`, timed directly | {trace_s:.2f} | ≤ {CAPTURE_TARGET_S:.0f} | "
-        f"{'yes' if trace_s <= CAPTURE_TARGET_S else 'no'} |",
+        f"| cold: `fxlens.trace(hf_model, tokenizer, graph_cache=False)` (torch.export + site placement) "
+        f"| {cold_s:.2f} | ≤ {CAPTURE_TARGET_S:.0f} | {'yes' if cold_s <= CAPTURE_TARGET_S else 'no'} |",
+        f"| warm: `fxlens.trace(hf_model, tokenizer)` (graph + sites from the on-disk graph cache) "
+        f"| {trace_s:.2f} | ≤ {CAPTURE_TARGET_S:.0f} | {'yes' if trace_s <= CAPTURE_TARGET_S else 'no'} |",
         "",
         f"Also: `from_pretrained` total {load_s:.1f} s (GGUF cache warm); first `run_with_cache` over "
         f"all sites (builds the specialised graph) {first_cache_s:.2f} s; the all-sites cache holds "

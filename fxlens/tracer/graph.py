@@ -89,29 +89,47 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def module_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
-    """Compute nodes produced inside module ``path``, in graph order."""
-    return [n for n in graph.nodes if n.op == "call_function" and inside(n, path)]
+class ModuleIndex:
+    """Module-path queries over one graph, indexed once (graphs have thousands of nodes)."""
 
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self._path = {n: module_path(n) for n in graph.nodes}
+        self._members: dict[str, list[fx.Node]] = {}
+        for n in graph.nodes:
+            if n.op != "call_function":
+                continue
+            parts = self._path[n].split(".") if self._path[n] else []
+            for i in range(1, len(parts) + 1):
+                self._members.setdefault(".".join(parts[:i]), []).append(n)
 
-def module_outputs(graph: fx.Graph, path: str) -> list[fx.Node]:
-    """Tensor nodes made inside ``path`` and read outside it (the module's outputs)."""
-    outs = []
-    for n in module_nodes(graph, path):
-        if is_tensor(n) and any(u.op == "output" or not inside(u, path) for u in n.users):
-            outs.append(n)
-    return outs
+    def path(self, node: fx.Node) -> str:
+        """Innermost module path of ``node``."""
+        return self._path[node] if node in self._path else module_path(node)
 
+    def inside(self, node: fx.Node, path: str) -> bool:
+        """Whether ``node`` was produced inside ``path`` or one of its children."""
+        p = self.path(node)
+        return p == path or p.startswith(path + ".")
 
-def module_inputs(graph: fx.Graph, path: str) -> list[fx.Node]:
-    """Tensor nodes made outside ``path`` and read inside it (the module's inputs)."""
-    seen: dict[fx.Node, None] = {}
-    for n in module_nodes(graph, path):
-        for a in n.all_input_nodes:
-            if a.op != "get_attr" and is_tensor(a) and not inside(a, path):
-                seen[a] = None
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return sorted(seen, key=order.__getitem__)
+    def nodes(self, path: str) -> list[fx.Node]:
+        """Compute nodes produced inside module ``path``, in graph order."""
+        return self._members.get(path, [])
+
+    def outputs(self, path: str) -> list[fx.Node]:
+        """Tensor nodes made inside ``path`` and read outside it (the module's outputs)."""
+        return [n for n in self.nodes(path) if is_tensor(n)
+                and any(u.op == "output" or not self.inside(u, path) for u in n.users)]
+
+    def inputs(self, path: str) -> list[fx.Node]:
+        """Tensor nodes made outside ``path`` and read inside it (the module's inputs)."""
+        seen: dict[fx.Node, None] = {}
+        for n in self.nodes(path):
+            for a in n.all_input_nodes:
+                if a.op != "get_attr" and is_tensor(a) and not self.inside(a, path):
+                    seen[a] = None
+        return sorted(seen, key=self.order.__getitem__)
 
 
 def follow_identity(node: fx.Node) -> fx.Node:

@@ -10,8 +10,8 @@ from torch import fx
 
 from .families import Family
 from .graph import (
-    IDENTITY_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ancestors, follow_identity, inside, is_op, is_tensor,
-    module_inputs, module_outputs, module_path, tensor_val,
+    IDENTITY_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, ancestors, follow_identity, is_op, is_tensor,
+    tensor_val,
 )
 from .sites import Site
 
@@ -51,6 +51,7 @@ class Locator:
 
     def __init__(self, gm: fx.GraphModule, family: Family, shape: Shape):
         self.g, self.f, self.s = gm.graph, family, shape
+        self.ix = ModuleIndex(gm.graph)
         ids = next(n for n in self.g.nodes if n.op == "placeholder" and n.name == "input_ids")
         b, s = tensor_val(ids).shape
         self._b, self._s, self._bs = str(b), str(s), str(b * s)
@@ -68,7 +69,7 @@ class Locator:
 
     def outputs(self, path: str) -> list[fx.Node]:
         """Module outputs, leaving out inputs that merely pass through (no-op casts)."""
-        return [n for n in module_outputs(self.g, path) if inside(_root(n), path)]
+        return [n for n in self.ix.outputs(path) if self.ix.inside(_root(n), path)]
 
     def _hidden(self, nodes: list[fx.Node], width: int | None = None) -> fx.Node | None:
         width = width or self.s.d_model
@@ -111,8 +112,7 @@ class Locator:
     def norm(self, prefix: str, path: str) -> None:
         out = self._hidden(self.outputs(path))
         self.add(f"{prefix}.hook_normalized", out, path)
-        op = next((n for n in self.g.nodes if inside(n, path)
-                   and is_op(n, {aten.rsqrt.default, aten.layer_norm.default})), None)
+        op = next((n for n in self.ix.nodes(path) if is_op(n, {aten.rsqrt.default, aten.layer_norm.default})), None)
         if op is None:
             self.missing.append(f"{prefix}.hook_scale (no rsqrt/layer_norm op in {path})")
         else:
@@ -122,9 +122,9 @@ class Locator:
     def block(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}"
         path = f.block(L, "")
-        pre = self._hidden(module_inputs(self.g, path))
+        pre = self._hidden(self.ix.inputs(path))
         self.add(f"{p}.hook_resid_pre", pre, path)
-        post_src = module_inputs(self.g, f.block(L, f.ln2)) if f.post_norm else self.outputs(path)
+        post_src = self.ix.inputs(f.block(L, f.ln2)) if f.post_norm else self.outputs(path)
         self.add(f"{p}.hook_resid_post", self._hidden(post_src), path)
         self.norm(f"{p}.ln1", f.block(L, f.ln1))
         self.norm(f"{p}.ln2", f.block(L, f.ln2))
@@ -151,11 +151,11 @@ class Locator:
     def mlp(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}.mlp"
         act, down = f.block(L, f.mlp_act), f.block(L, f.mlp_out)
-        act_in = module_inputs(self.g, act)
+        act_in = self.ix.inputs(act)
         pre = act_in[0] if len(act_in) == 1 else None
         width = self.labels(pre)[-1] if pre is not None else None
         self.add(f"{p}.hook_pre", pre, act)
-        post = self._hidden(module_inputs(self.g, down), width) if width else None
+        post = self._hidden(self.ix.inputs(down), width) if width else None
         self.add(f"{p}.hook_post", post, down)
         if f.gated and post is not None:
             act_outs = {_root(n) for n in self.outputs(act)}
@@ -167,7 +167,7 @@ class Locator:
     def attention(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}.attn"
         path = f.block(L, f.attn)
-        nodes = [n for n in self.g.nodes if inside(n, path)]
+        nodes = self.ix.nodes(path)
         sdpa = [n for n in nodes if is_op(n, SDPA_OPS)]
         soft = [n for n in nodes if is_op(n, SOFTMAX_OPS)]
         if len(sdpa) == 1:
@@ -207,8 +207,8 @@ class Locator:
                 self.missing.append(f"{p}.hook_{which} (no projection feeding attention {which} in {path})")
                 continue
             node = self._first_of_size(proj, ancestors(arg), others, heads * self.s.d_head)
-            self.add(f"{p}.hook_{which}", node, module_path(proj), layout=self._head_layout(node, heads),
-                     extra={"proj": proj.name, "proj_module": module_path(proj), "heads": heads})
+            self.add(f"{p}.hook_{which}", node, self.ix.path(proj), layout=self._head_layout(node, heads),
+                     extra={"proj": proj.name, "proj_module": self.ix.path(proj), "heads": heads})
             if first is not proj and which != "v":
                 self.add(f"{p}.hook_rot_{which}", first, path, layout=self._head_layout(first, heads),
                          extra={"heads": heads})
@@ -220,15 +220,15 @@ class Locator:
 
     def _is_proj(self, n: fx.Node, attn_path: str) -> bool:
         """A linear-like op in a child module of the attention, or that child's output."""
-        mod = module_path(n)
+        mod = self.ix.path(n)
         if not mod.startswith(attn_path + ".") or not is_tensor(n):
             return False
-        return any(is_op(a, _PROJ_OPS) for a in ancestors(n) if module_path(a) == mod)
+        return any(is_op(a, _PROJ_OPS) for a in ancestors(n) if self.ix.path(a) == mod)
 
     def _nearest_proj(self, n: fx.Node, attn_path: str) -> fx.Node | None:
-        order = {x: i for i, x in enumerate(self.g.nodes)}
+        order = self.ix.order
         cands = [a for a in ancestors(n) if self._is_proj(a, attn_path)
-                 and not any(self._is_proj(u, attn_path) and module_path(u) == module_path(a) for u in a.users)]
+                 and not any(self._is_proj(u, attn_path) and self.ix.path(u) == self.ix.path(a) for u in a.users)]
         return max(cands, key=order.__getitem__) if cands else None
 
     def _first_of_size(self, start: fx.Node, allowed: set, others: set, size: int) -> fx.Node | None:
