@@ -41,26 +41,28 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         gm, output = cap.gm, cap.output
         sites = locate(gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head))
         nodes = {n.name: n for n in gm.graph.nodes}
-        extra = {"d_mlp": int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1])}
+        ln_op = nodes[sites["blocks.0.ln1.hook_scale"].extra["op"]].target
+        extra = {"d_mlp": int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1]),
+                 "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
             graph_cache_mod.save(hf_model, gm, output, sites, extra)
-    cfg = _model_config(hf_model, config, family, sites, extra["d_mlp"])
+    cfg = _model_config(hf_model, config, family, sites, extra)
     model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0)
     model.graph_from_cache = hit is not None
     return model
 
 
-def _model_config(hf_model, config, family, sites, d_mlp: int) -> ModelConfig:
+def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:
     n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
     param = next(hf_model.parameters())
     rotary = "blocks.0.attn.hook_rot_q" in sites
     return ModelConfig(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head,
-        d_mlp=d_mlp, d_vocab=int(config.vocab_size),
+        d_mlp=extra["d_mlp"], d_vocab=int(config.vocab_size),
         n_ctx=next((getattr(config, k) for k in ("max_position_embeddings", "n_positions") if hasattr(config, k)),
                    None),
         family=family.name, model_type=config.model_type,
-        normalization_type="RMS" if family.norm == "rms" else "LN",
+        normalization_type=extra["norm"],
         positional_embedding_type="rotary" if rotary else ("standard" if "hook_pos_embed" in sites else "none"),
         act_fn=getattr(config, "hidden_act", None) or getattr(config, "activation_function", None),
         parallel_attn_mlp=family.parallel, dtype=str(param.dtype).replace("torch.", ""), device=str(param.device),

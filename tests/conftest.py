@@ -28,6 +28,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "phi3": ("phi3", _LLAMA_LIKE),
     "bert": ("bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                           max_position_embeddings=64)),
+    # model types the Llama / BERT rules also cover
+    "mistral": ("mistral", _LLAMA_LIKE),
+    "qwen3": ("qwen3", _LLAMA_LIKE),
+    "olmo": ("olmo", _LLAMA_LIKE),
+    "roberta": ("roberta", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=70)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -37,7 +43,7 @@ def tiny_hf(family: str, seed: int = 0) -> torch.nn.Module:
     model_type, kw = CONFIGS[family]
     cfg = transformers.AutoConfig.for_model(model_type, **_COMMON, **kw)
     torch.manual_seed(seed)
-    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModel if family in ("bert", "roberta") else transformers.AutoModelForCausalLM
     model = auto.from_config(cfg)
     # Random init leaves some norms at identity; perturb every parameter so sites differ.
     with torch.no_grad():

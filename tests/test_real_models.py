@@ -39,7 +39,8 @@ def test_smollm2_sites_match_hf_hidden_states(smol):
     for L in range(smol.cfg.n_layers - 1):
         assert (cache["resid_post", L] - hs[L + 1]).abs().max().item() <= 1e-4
     assert (cache["ln_final.hook_normalized"] - hs[-1]).abs().max().item() <= 1e-5
-    assert smol.cfg.n_kv_heads == 3 and smol.cfg.n_heads == 9 and len(smol.hook_names) == 21 * 30 + 3  # 21 per block + embed + ln_final x2
+    assert smol.cfg.n_kv_heads == 3 and smol.cfg.n_heads == 9
+    assert len(smol.hook_names) == 21 * 30 + 3  # 21 per block + embed + ln_final x2
     assert len(smol.all_hook_names) == 25 * 30 + 3  # + 4 split-input sites per block
 
 
@@ -79,7 +80,7 @@ def test_minilm_hidden_states_equal_hf():
 
 
 def test_compiled_graph_honours_hooks_added_after_first_call():
-    from tests.conftest import tokens, tiny_hf
+    from tests.conftest import tiny_hf, tokens
 
     m = fxlens.trace(tiny_hf("llama"), compile=True)
     ids = tokens(2, 6)

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .sites import Site
 
-FORMAT = 1
+FORMAT = 2
 
 
 class _Ref:

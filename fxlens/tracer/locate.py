@@ -10,7 +10,15 @@ from torch import fx
 
 from .families import Family
 from .graph import (
-    IDENTITY_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, ancestors, follow_identity, is_op, is_tensor,
+    IDENTITY_OPS,
+    SDPA_OPS,
+    SHAPE_OPS,
+    SOFTMAX_OPS,
+    ModuleIndex,
+    ancestors,
+    follow_identity,
+    is_op,
+    is_tensor,
     tensor_val,
 )
 from .sites import Site

@@ -30,7 +30,6 @@ class Family:
         mlp_post_norm: norm applied to the MLP output before the add (Gemma 2/3).
         parallel: attention and MLP read the same residual (GPT-NeoX, Phi-2, GPT-J).
         post_norm: norms sit after the residual adds (BERT).
-        norm: ``"rms"`` or ``"layer"``.
         gated: the MLP is gated (``act(gate) * up``).
     """
 
@@ -50,7 +49,6 @@ class Family:
     mlp_post_norm: str | None = None
     parallel: bool = False
     post_norm: bool = False
-    norm: str = "rms"
     gated: bool = True
 
     def block(self, layer: int, rel: str) -> str:

@@ -8,5 +8,5 @@ BERT = Family(
     layers="encoder.layer", ln_final=None,
     ln1="attention.output.LayerNorm", ln2="output.LayerNorm", attn="attention.self",
     attn_out="attention.output.dense", mlp_act="intermediate.intermediate_act_fn", mlp_out="output.dense",
-    post_norm=True, norm="layer", gated=False,
+    post_norm=True, gated=False,
 )

@@ -98,8 +98,10 @@ def test_scale_sites_match_their_definition(family):
     if m.family.post_norm:
         return  # BERT's ln1 reads resid_mid; covered by the shape test
     hf = m.hf_model.config
-    eps = next(getattr(hf, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon") if hasattr(hf, k)) \
-        if m.cfg.family != "opt" else 1e-5  # OPT uses nn.LayerNorm's default
+    keys = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+    eps = next((getattr(hf, k) for k in keys if hasattr(hf, k)), None)
+    if eps is None or m.cfg.family == "opt":
+        eps = 1e-5  # OPT and OLMo use nn.LayerNorm's default eps
     ref = ((x.var(-1, keepdim=True, unbiased=False) if m.cfg.normalization_type == "LN"
             else x.pow(2).mean(-1, keepdim=True)) + eps).sqrt()
     assert torch.allclose(cache["blocks.0.ln1.hook_scale"], ref, rtol=1e-4, atol=1e-4)
