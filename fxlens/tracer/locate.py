@@ -144,10 +144,11 @@ class Locator:
             mid = next((u for u in attn_out.users if is_op(u, {aten.add.Tensor, operator.add})
                         and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
             self.add(f"{p}.hook_resid_mid", mid, path)
-        mlp_in = self.node(f"{p}.hook_resid_mid") if not f.parallel and not f.post_norm else pre
         if f.post_norm:  # BERT: the MLP reads ln1's output
-            mlp_in = self.node(f"{p}.ln1.hook_normalized")
-        self.add(f"{p}.hook_mlp_in", mlp_in, path, extra={"scope": f.block(L, f.ln2 if not f.post_norm else "")})
+            self.add(f"{p}.hook_mlp_in", self.node(f"{p}.ln1.hook_normalized"), path, extra={"scope": path})
+        else:  # what ln2 reads (resid_mid, or resid_pre in parallel blocks), rewired for ln2 only
+            ln2 = f.block(L, f.ln2)
+            self.add(f"{p}.hook_mlp_in", self._hidden(self.ix.inputs(ln2)), ln2, extra={"scope": ln2})
         self.mlp(L)
         self.attention(L)
 

@@ -134,6 +134,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     pos = {n: i for i, n in enumerate(graph.nodes)}
     current: dict[fx.Node, fx.Node] = {}
     presented: dict[str, fx.Node] = {}
+    hook_nodes: dict[str, fx.Node] = {}
     cache_views: set[fx.Node] = set()
     for name in sorted(wanted, key=lambda n: _sort_key(n, pos, value[n], n_layers)):
         site, base_node = sites[name], value[name]
@@ -144,7 +145,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
                 presented[name] = view
                 cache_views.add(view)
                 continue
-            hooked = graph.call_function(run_hook, (name, view))
+            hooked = hook_nodes[name] = graph.call_function(run_hook, (name, view))
             back = graph.call_function(inverse, (hooked,)) if inverse else hooked
         scope = site.extra.get("scope")
         keep = cache_views | ({view, back} if view is not x else {hooked})
@@ -163,6 +164,11 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     gm = fx.GraphModule(root, graph, class_name="SpecialisedModel")
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
+    alive = set(gm.graph.nodes)
+    dropped = [n for n, h in hook_nodes.items() if h not in alive and not _after_stop(n, req.stop_at_layer)]
+    if dropped:
+        raise RuntimeError(f"hooks on {dropped} would never run: nothing reads those sites in this graph "
+                           "(a site placement bug; please report it with the model type)")
     gm.recompile()
     return gm
 
@@ -171,3 +177,11 @@ def _attr(root: object, target: str) -> object:
     for part in target.split("."):
         root = getattr(root, part)
     return root
+
+
+def _after_stop(name: str, stop: int | None) -> bool:
+    """Whether ``name`` is computed only after ``stop_at_layer`` (so its hook rightly never runs)."""
+    if stop is None:
+        return False
+    layer = layer_of(name)
+    return name.startswith("ln_final") if layer is None else layer >= stop

@@ -168,3 +168,17 @@ def test_family_whose_sites_cannot_be_placed_names_them():
     broken = replace(rule_for("llama"), attn_out="self_attn.out_proj")
     with pytest.raises(SiteError, match=r"blocks\.0\.hook_attn_out.*out_proj"):
         locate(capture(m.hf_model).gm, broken, Shape(2, 32, 4, 2, 8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_site_fires_its_hook_exactly_once(family):
+    m = traced(family)
+    ids = tokens(2, 5)
+    seen: list[str] = []
+    m.use_split_inputs = True
+    try:
+        out = m.run_with_hooks(ids, fwd_hooks=[(lambda n: True, lambda x, hook: seen.append(hook.name))])
+    finally:
+        m.use_split_inputs = False
+    assert sorted(seen) == sorted(m.all_hook_names)
+    assert (out - m(ids)).abs().max().item() <= 1e-5
