@@ -109,6 +109,13 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     attrs: dict[str, object] = {}
     split_layers = sorted({layer_of(n) for n in wanted if n.rsplit(".", 1)[-1] in SPLIT_SITES})
     for L in split_layers:
+        p = f"blocks.{L}"
+        all_split = f"{p}.hook_attn_in" in wanted or all(f"{p}.hook_{w}_input" in wanted for w in "qkv")
+        ln1 = sorted(n for n in req.hooks if n.startswith(f"{p}.ln1."))  # caching them is fine
+        if all_split and ln1:
+            raise ValueError(f"{ln1} cannot be used with split inputs in block {L}: when q, k and v all read "
+                             "per-head copies, ln1 runs on those copies and the shared ln1 output is never "
+                             "computed. Hook ln1 and the split-input sites in separate runs.")
         if index is None or modules is None:
             raise ValueError("split-input sites need the HF model and the probed feature index")
         value.update(build_split_inputs(graph, nodes, sites, L, wanted, index, attrs, replaced))
@@ -155,7 +162,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
             current[base_node] = back
         presented[name] = hooked
 
-    main = presented[stop_site] if stop_site else out
+    main = presented[stop_site] if stop_site else current.get(out, out)
     if stop_site and sites[stop_site].layout != "same":
         raise ValueError(f"stop_at_layer needs {stop_site} in [batch, pos, d_model] layout")
     graph.output((main, *(presented[n] for n in req.cache)))

@@ -174,11 +174,25 @@ def test_family_whose_sites_cannot_be_placed_names_them():
 def test_every_site_fires_its_hook_exactly_once(family):
     m = traced(family)
     ids = tokens(2, 5)
-    seen: list[str] = []
-    m.use_split_inputs = True
-    try:
-        out = m.run_with_hooks(ids, fwd_hooks=[(lambda n: True, lambda x, hook: seen.append(hook.name))])
-    finally:
-        m.use_split_inputs = False
-    assert sorted(seen) == sorted(m.all_hook_names)
-    assert (out - m(ids)).abs().max().item() <= 1e-5
+    split = [n for n in m.all_hook_names if n not in m.hook_names]
+    for names in (m.hook_names, split):
+        seen: list[str] = []
+        out = m.run_with_hooks(ids, fwd_hooks=[(n, lambda x, hook: seen.append(hook.name)) for n in names])
+        assert sorted(seen) == sorted(names)
+        assert (out - m(ids)).abs().max().item() <= 1e-5
+
+
+def test_ln1_hooks_conflict_with_full_split_inputs():
+    m = traced("llama")
+    with pytest.raises(ValueError, match="ln1 runs on those copies"):
+        m.run_with_hooks(tokens(1, 3), fwd_hooks=[("blocks.0.hook_attn_in", lambda x, hook: x),
+                                                  ("blocks.0.ln1.hook_normalized", lambda x, hook: x)])
+    # only q split: ln1 still computes k and v, so its hook runs
+    seen = []
+    m.run_with_hooks(tokens(1, 3), fwd_hooks=[("blocks.0.hook_q_input", lambda x, hook: seen.append(1)),
+                                              ("blocks.0.ln1.hook_normalized", lambda x, hook: seen.append(2))])
+    assert sorted(seen) == [1, 2]
+    # caching ln1 with full split inputs is fine: the shared ln1 output is still computed
+    _, cache = m.run_with_cache(tokens(1, 3), names_filter=["blocks.0.hook_attn_in", "blocks.0.ln1.hook_normalized"])
+    _, plain = m.run_with_cache(tokens(1, 3), names_filter=["blocks.0.ln1.hook_normalized"])
+    assert torch.equal(cache["blocks.0.ln1.hook_normalized"], plain["blocks.0.ln1.hook_normalized"])

@@ -20,11 +20,13 @@ def test_cached_graph_matches_fresh_capture(family, tmp_path, monkeypatch):
     assert second.sites == first.sites and second.cfg == first.cfg
     ids = tokens(2, 6)
     assert torch.equal(second(ids), first(ids))
-    names = second.all_hook_names
-    _, c1 = first.run_with_cache(ids, names_filter=names)
-    _, c2 = second.run_with_cache(ids, names_filter=names)
-    for k in names:
-        assert torch.equal(c1[k], c2[k]), k
+    split = [n for n in second.all_hook_names if n not in second.hook_names]
+    for names in (second.hook_names, split):
+        _, c1 = first.run_with_cache(ids, names_filter=names)
+        _, c2 = second.run_with_cache(ids, names_filter=names)
+        assert list(c1) == list(c2) == names
+        for k in names:
+            assert torch.equal(c1[k], c2[k]), k
     # different weights, same structure: the cached graph reads the new model's parameters
     other = tiny_hf(family, seed=5)
     third = fxlens.trace(other)

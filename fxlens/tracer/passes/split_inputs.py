@@ -111,12 +111,14 @@ def build_split_inputs(graph: fx.Graph, nodes: dict[str, fx.Node], sites: dict, 
         for w, site in qkv.items():
             name = f"{p}.hook_{w}_input"
             heads = site.extra["heads"]
-            if name in wanted:
-                inp = made[name] = graph.call_function(repeat_heads, (resid, heads))
-            elif shared is not None:
-                inp = shared if w == "q" else graph.call_function(group_heads, (shared, heads))
+            if shared is not None:  # attn_in feeds every per-q/k/v copy (its hook runs first)
+                inp = graph.call_function(group_heads, (shared, heads))
+            elif name in wanted:
+                inp = graph.call_function(repeat_heads, (resid, heads))
             else:
                 continue
+            if name in wanted:
+                made[name] = inp
             normed = graph.call_module(ln, (inp,)) if ln else inp
             proj = graph.call_module(site.extra["proj_module"], (normed,))
             idx_name = f"_fxlens_idx_{layer}_{w}"
