@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 import importlib.util
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ from .config import ModelConfig, hf_dims
 from .model import HookedModel
 from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
-from .tracer.families import rule_for
+from .tracer.discover import discover
+from .tracer.families import RULES, Family
 from .tracer.locate import Shape, locate
 
 
@@ -29,20 +32,25 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     """
     hf_model.eval()
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
-    family = rule_for(config.model_type)
+    family = RULES.get(config.model_type)
     use_cache = graph_cache and os.environ.get("FXLENS_GRAPH_CACHE", "1") != "0"
     t0 = time.perf_counter()
     hit = graph_cache_mod.load(hf_model) if use_cache else None
     if hit is not None:
         gm, output, sites, extra = hit
+        family = Family(**{k: tuple(v) if k == "model_types" else v for k, v in extra["family"].items()})
     else:
         n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
         cap = capture(hf_model)
         gm, output = cap.gm, cap.output
-        sites = locate(gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head))
+        found_by = "rule"
+        if family is None:
+            family, found_by = discover(hf_model, gm, n_layers), "discovery"
+        sites = locate(gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head), found_by)
         nodes = {n.name: n for n in gm.graph.nodes}
         ln_op = nodes[sites["blocks.0.ln1.hook_scale"].extra["op"]].target
-        extra = {"d_mlp": int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1]),
+        extra = {"family": asdict(family),
+                 "d_mlp": int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1]),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
             graph_cache_mod.save(hf_model, gm, output, sites, extra)
@@ -92,8 +100,18 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     hf_kwargs.setdefault("attn_implementation", "sdpa")
     model = auto.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **tok_kwargs)
+    tokenizer = _tokenizer(path, tok_kwargs)
     return trace(model, tokenizer, compile=compile)
+
+
+def _tokenizer(path: str, kwargs: dict):
+    """The checkpoint's tokenizer; a folder holding weights only gets ``None`` (string input then raises)."""
+    import transformers
+
+    if Path(path).is_dir() and not any(Path(path).glob("tokenizer*")) and not kwargs:
+        warnings.warn(f"{path} has no tokenizer files: the model takes token ids only", stacklevel=3)
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
 
 
 def cache_dir() -> Path:

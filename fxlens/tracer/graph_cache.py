@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .sites import Site
 
-FORMAT = 2
+FORMAT = 3
 
 
 class _Ref:

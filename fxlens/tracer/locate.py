@@ -57,9 +57,10 @@ def _is_scalar_scale(n: fx.Node) -> bool:
 class Locator:
     """Finds sites for one captured graph; collects every failure before raising."""
 
-    def __init__(self, gm: fx.GraphModule, family: Family, shape: Shape):
-        self.g, self.f, self.s = gm.graph, family, shape
+    def __init__(self, gm: fx.GraphModule, family: Family, shape: Shape, found_by: str = "rule"):
+        self.g, self.f, self.s, self.found_by = gm.graph, family, shape, found_by
         self.ix = ModuleIndex(gm.graph)
+        self._by_name = {n.name: n for n in gm.graph.nodes}
         ids = next(n for n in self.g.nodes if n.op == "placeholder" and n.name == "input_ids")
         b, s = tensor_val(ids).shape
         self._b, self._s, self._bs = str(b), str(s), str(b * s)
@@ -92,11 +93,12 @@ class Locator:
             return
         if layout is None and node is not None:
             layout = "flat" if self.labels(node)[:1] == ("BS",) else "same"
-        self.sites[name] = Site(name, node.name if node is not None else None, layout or "same", module=module, **kw)
+        self.sites[name] = Site(name, node.name if node is not None else None, layout or "same", module=module,
+                                found_by=self.found_by, **kw)
 
     def node(self, name: str) -> fx.Node | None:
         site = self.sites.get(name)
-        return None if site is None or site.node is None else next(n for n in self.g.nodes if n.name == site.node)
+        return None if site is None or site.node is None else self._by_name[site.node]
 
     # -- top level ------------------------------------------------------------
     def run(self) -> dict[str, Site]:
@@ -113,7 +115,8 @@ class Locator:
             raise SiteError(
                 f"family {f.name!r}: could not place {len(self.missing)} site(s):\n  "
                 + "\n  ".join(self.missing)
-                + "\nThe model's layout differs from the rule; fix the rule's module paths."
+                + ("\nThe model's layout differs from the rule; fix the rule's module paths." if self.found_by == "rule"
+                   else "\nDiscovery misread this architecture; write a rule in fxlens/tracer/families/.")
             )
         return self.sites
 
@@ -132,10 +135,11 @@ class Locator:
         path = f.block(L, "")
         pre = self._hidden(self.ix.inputs(path))
         self.add(f"{p}.hook_resid_pre", pre, path)
-        post_src = self.ix.inputs(f.block(L, f.ln2)) if f.post_norm else self.outputs(path)
+        post_src = self.ix.inputs(f.block(L, f.ln2)) if f.post_norm and f.ln2 else self.outputs(path)
         self.add(f"{p}.hook_resid_post", self._hidden(post_src), path)
         self.norm(f"{p}.ln1", f.block(L, f.ln1))
-        self.norm(f"{p}.ln2", f.block(L, f.ln2))
+        if f.ln2 is not None:
+            self.norm(f"{p}.ln2", f.block(L, f.ln2))
         attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
         mlp_out = self._branch_out(L, f.mlp_out, f.mlp_post_norm)
         self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out))
@@ -146,7 +150,7 @@ class Locator:
             self.add(f"{p}.hook_resid_mid", mid, path)
         if f.post_norm:  # BERT: the MLP reads ln1's output
             self.add(f"{p}.hook_mlp_in", self.node(f"{p}.ln1.hook_normalized"), path, extra={"scope": path})
-        else:  # what ln2 reads (resid_mid, or resid_pre in parallel blocks), rewired for ln2 only
+        elif f.ln2 is not None:  # what ln2 reads (resid_mid, or resid_pre in parallel blocks), for ln2 only
             ln2 = f.block(L, f.ln2)
             self.add(f"{p}.hook_mlp_in", self._hidden(self.ix.inputs(ln2)), ln2, extra={"scope": ln2})
         self.mlp(L)
@@ -284,6 +288,6 @@ def _per_token(labels: tuple) -> int:
     return n
 
 
-def locate(gm: fx.GraphModule, family: Family, shape: Shape) -> dict[str, Site]:
+def locate(gm: fx.GraphModule, family: Family, shape: Shape, found_by: str = "rule") -> dict[str, Site]:
     """Every site of ``family`` in ``gm``; raises ``SiteError`` naming what is missing."""
-    return Locator(gm, family, shape).run()
+    return Locator(gm, family, shape, found_by).run()

@@ -21,7 +21,9 @@ class Family:
         ln_final: final norm module (``None`` for encoders without one).
         pos_embed: learned absolute position embedding module, if any.
         ln1: norm feeding attention (pre-norm) or after it (``post_norm``).
-        ln2: norm feeding the MLP (pre-norm) or after it (``post_norm``).
+        ln2: norm feeding the MLP (pre-norm) or after it (``post_norm``); ``None`` in parallel
+            blocks whose attention and MLP read one shared norm (GPT-J, Phi-2): those blocks
+            have no ``ln2.*`` and ``hook_mlp_in`` sites.
         attn: attention module.
         attn_out: module whose output is the attention output (before post-norms).
         attn_post_norm: norm applied to the attention output before the add (Gemma 2/3).
@@ -40,7 +42,7 @@ class Family:
     ln_final: str | None = "model.norm"
     pos_embed: str | None = None
     ln1: str = "input_layernorm"
-    ln2: str = "post_attention_layernorm"
+    ln2: str | None = "post_attention_layernorm"
     attn: str = "self_attn"
     attn_out: str = "self_attn.o_proj"
     attn_post_norm: str | None = None

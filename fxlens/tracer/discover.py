@@ -1,0 +1,153 @@
+"""Discover a decoder family's module paths from the captured graph: no hand-written rule needed.
+
+Structure alone decides: the block list is the ``ModuleList`` with ``n_layers`` entries;
+inside block 0, the attention module holds the SDPA (or softmax) op, the output
+projection is the first linear after it, norms are modules holding an ``rsqrt`` or
+``layer_norm`` op and are told apart by what reads them, the MLP's down projection is
+the block's last linear and its activation the module holding the nonlinearity. The
+result is an ordinary :class:`Family`, so ``locate`` and its checks run unchanged and
+raise, naming what is missing, when the structure is not understood.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .families.base import Family
+from .graph import SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, follow_identity, is_op
+
+aten = torch.ops.aten
+_NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default}
+_LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default}
+_ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
+            aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default}
+
+
+class DiscoveryError(RuntimeError):
+    """The model's structure could not be mapped to sites; the message says what was not found."""
+
+
+def _fail(model_type: str, what: str) -> DiscoveryError:
+    return DiscoveryError(f"model_type {model_type!r} has no family rule and discovery could not find {what}; "
+                          "write a rule in fxlens/tracer/families/ (module paths only).")
+
+
+def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
+    """A :class:`Family` for ``model`` inferred from its module tree and captured graph."""
+    mt = model.config.model_type
+    ix = ModuleIndex(gm.graph)
+    names = {id(m): n for n, m in model.named_modules()}
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not lists:
+        raise _fail(mt, f"a ModuleList of {n_layers} blocks")
+    layers = max(lists, key=lambda n: len(ix.nodes(f"{n}.0")))
+    block = f"{layers}.0"
+    embed = names.get(id(model.get_input_embeddings()))
+    if embed is None:
+        raise _fail(mt, "the input embedding module")
+
+    nodes = ix.nodes(block)
+    core = [n for n in nodes if is_op(n, SDPA_OPS)] or [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+    if len(core) != 1:
+        raise _fail(mt, f"exactly one attention op in {block} (found {len(core)})")
+    attn = ix.path(core[0])
+    o_proj = _next_linear(ix, core[0], attn)
+    if o_proj is None:
+        raise _fail(mt, f"the attention output projection after {core[0].name}")
+    linears = [n for n in nodes if is_op(n, _LINEAR_OPS) and not ix.inside(n, attn)]
+    if not linears or ix.path(linears[-1]) == ix.path(o_proj):
+        raise _fail(mt, f"an MLP down projection in {block}")
+    down = linears[-1]
+    norms = list(dict.fromkeys(ix.path(n) for n in nodes if is_op(n, _NORM_OPS) and not ix.inside(n, attn)))
+
+    def reads(norm: str, anchor: fx.Node) -> bool:  # does ``norm`` read ``anchor`` (modulo identity ops)?
+        return any(follow_identity(a) is follow_identity(anchor) or a is anchor for a in ix.inputs(norm))
+
+    def fed_by(norm: str, pred) -> bool:
+        return any(pred(u) for o in ix.outputs(norm) for u in _through_shapes(o))
+
+    attn_post = next((p for p in norms if reads(p, _module_out(ix, o_proj))), None)
+    mlp_post = next((p for p in norms if reads(p, _module_out(ix, down))), None)
+    pre = [p for p in norms if p not in (attn_post, mlp_post)]
+    ln1 = next((p for p in pre if fed_by(p, lambda u: ix.inside(u, attn))), None)
+    ln2 = next((p for p in pre if p != ln1 and fed_by(p, lambda u: is_op(u, _LINEAR_OPS) and not ix.inside(u, attn))),
+               None)
+    shared = ln2 is None and ln1 is not None and fed_by(ln1, lambda u: is_op(u, _LINEAR_OPS) and not ix.inside(u, attn))
+    if ln1 is None or (ln2 is None and not shared):
+        raise _fail(mt, f"the norms feeding attention and MLP in {block} (norm modules: {norms})")
+    act_nodes = [n for n in nodes if is_op(n, _ACT_OPS) and not ix.inside(n, attn)]
+    act = ix.path(act_nodes[0]) if act_nodes else None
+    if act is None or act in (ix.path(down), block) or act == _parent(ix.path(down)):
+        raise _fail(mt, f"an MLP activation module in {block} (activation ops: {[n.name for n in act_nodes]})")
+    layer_in = [a for a in ix.inputs(block) if _is_hidden(a, model)]
+    parallel = shared or (bool(layer_in) and reads(ln2, layer_in[0]) and reads(ln1, layer_in[0]))
+    down_in = ix.inputs(ix.path(down))
+    gated = (bool(down_in) and is_op(down_in[0], {aten.mul.Tensor}) and not ix.inside(down_in[0], act)
+             and all(isinstance(a, fx.Node) for a in down_in[0].args))
+    rel = lambda p: p[len(block) + 1:] if p else None  # noqa: E731
+    return Family(
+        name=mt, model_types=(mt,), embed=embed, layers=layers,
+        ln_final=_final_norm(ix, gm, layers), pos_embed=_pos_embed(model, ix, embed, layers, names),
+        ln1=rel(ln1), ln2=rel(ln2), attn=rel(attn), attn_out=rel(ix.path(o_proj)),
+        attn_post_norm=rel(attn_post), mlp_act=rel(act), mlp_out=rel(ix.path(down)), mlp_post_norm=rel(mlp_post),
+        parallel=parallel, gated=gated,
+    )
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0]
+
+
+def _is_hidden(n: fx.Node, model: nn.Module) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == model.config.hidden_size
+
+
+def _through_shapes(n: fx.Node) -> list[fx.Node]:
+    """Users of ``n``, looking through reshapes and identity ops."""
+    out, todo = [], list(n.users)
+    while todo:
+        u = todo.pop()
+        if is_op(u, SHAPE_OPS):
+            todo.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _next_linear(ix: ModuleIndex, start: fx.Node, attn: str) -> fx.Node | None:
+    """The first linear op downstream of the attention core (the output projection)."""
+    todo, seen = [start], set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not start and is_op(n, _LINEAR_OPS):
+            return n
+        todo.extend(n.users)
+    return None
+
+
+def _module_out(ix: ModuleIndex, op: fx.Node) -> fx.Node:
+    """The output node of the module holding ``op`` (e.g. the view after a Conv1D addmm)."""
+    outs = ix.outputs(ix.path(op))
+    return outs[-1] if outs else op
+
+
+def _final_norm(ix: ModuleIndex, gm: fx.GraphModule, layers: str) -> str | None:
+    """The norm module read after the last block."""
+    last = max(ix.order[n] for n in ix.nodes(layers))
+    after = [n for n in gm.graph.nodes if ix.order[n] > last and is_op(n, _NORM_OPS)]
+    return ix.path(after[0]) if after else None
+
+
+def _pos_embed(model: nn.Module, ix: ModuleIndex, embed: str, layers: str, names: dict) -> str | None:
+    """A learned absolute position embedding outside the blocks, if the model has one."""
+    for mod in model.modules():
+        path = names.get(id(mod), "")
+        if (isinstance(mod, nn.Embedding) and path != embed and not path.startswith(layers + ".")
+                and mod.embedding_dim == model.config.hidden_size and ix.nodes(path)):
+            return path
+    return None
