@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 import importlib.util
 import os
 import shutil
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
