@@ -4,6 +4,7 @@
 #   make test-slow  real-checkpoint and compile tests (pytest -m slow)
 #   make bench      forward / cache / capture timings -> benchmarks/RESULTS_forward.md
 #   make docs       regenerate docs/hook_names.md
+#   make coverage   trace every transformers causal-LM family -> docs/coverage.md
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench docs clean-venv
+.PHONY: install demo test test-slow bench docs coverage clean-venv
 
 install: $(STAMP)
 
@@ -38,6 +39,10 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/forward.py
+
+# Full family matrix (every causal-LM model_type in transformers): writes docs/coverage.md.
+coverage: install
+	$(PY) benchmarks/coverage.py
 
 docs: install
 	$(PY) -c "from fxlens.tracer.sites import hook_names_markdown as md; import sys; \
