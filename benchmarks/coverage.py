@@ -4,17 +4,19 @@ For each ``model_type`` in transformers' causal-LM auto mapping (plus common enc
 build a tiny random model, trace it (rule if one exists, else discovery), and check
 fidelity (no-hook output vs HF, fp32, max-abs <= 1e-5), that every site was placed, that
 caching every site and an identity hook on every site leave the output unchanged
-(<= 1e-4). Each family runs in its own subprocess with a time limit; results go to
+(<= 1e-4). Each family runs under a time limit (in-process, or one subprocess each with ``--isolate``); results go to
 ``docs/coverage.md`` (and ``docs/coverage.json``).
 
     python benchmarks/coverage.py                 # all families (~15-25 min on 2 cores)
     python benchmarks/coverage.py llama gpt2      # some
+    python benchmarks/coverage.py --isolate       # one subprocess per family (slower, crash-proof)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +31,8 @@ TINY = dict(
     num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4,
     shared_expert_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, embedding_size=64, max_seq_len=128,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64, attention_chunk_size=64, rotary_dim=8,
+    decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2, encoder_attention_heads=4,
+    encoder_ffn_dim=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64, attention_chunk_size=64, rotary_dim=8,
 )
 TIMEOUT_S = 180
 
@@ -86,6 +89,8 @@ def check_one(model_type: str) -> dict:
         stage = "identity hook on every site"
         hooked = m.run_with_hooks(ids, fwd_hooks=[(lambda n: True, lambda x, hook: x.clone())])
         row["hooks_all"] = (hooked - ref).abs().max().item()
+    except _Timeout:
+        raise
     except Exception as e:  # noqa: BLE001 - recorded, never hidden
         msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
         row["reason"] = f"{stage}: {msg[:300]}"
@@ -114,6 +119,27 @@ def _run_subprocess(model_type: str) -> dict:
         reason = f"timed out after {TIMEOUT_S} s"
     return {"model_type": model_type, "how": "?", "captured": False, "sites": None, "n_sites": 0,
             "fidelity": None, "cache_all": None, "hooks_all": None, "reason": f"crashed: {reason}"}
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _run_inline(model_type: str) -> dict:
+    """``check_one`` in this process (imports paid once), with an alarm-based time limit."""
+    def on_alarm(signum, frame):
+        raise _Timeout(f"timed out after {TIMEOUT_S} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(TIMEOUT_S)
+    try:
+        return check_one(model_type)
+    except _Timeout as e:
+        return {"model_type": model_type, "how": "?", "captured": False, "sites": None, "n_sites": 0,
+                "fidelity": None, "cache_all": None, "hooks_all": None, "reason": str(e)}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def _fmt(x) -> str:
@@ -155,10 +181,12 @@ def main(argv: list[str]) -> int:
         return 0
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    isolate = "--isolate" in argv
+    argv = [a for a in argv if a != "--isolate"]
     types = argv or sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(ENCODERS))
     t0, rows = time.perf_counter(), []
     for i, mt in enumerate(types, 1):
-        row = _run_subprocess(mt)
+        row = _run_subprocess(mt) if isolate else _run_inline(mt)
         rows.append(row)
         print(f"[{i}/{len(types)}] {mt:28s} {'green' if green(row) else 'FAIL ' + row['reason'][:110]}", flush=True)
     if not argv:
