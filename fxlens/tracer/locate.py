@@ -157,9 +157,16 @@ class Locator:
         self.attention(L)
 
     def _branch_out(self, L: int, proj: str, post_norm: str | None) -> fx.Node | None:
+        """What the branch adds to the residual: the module output, after identity ops and
+        scalar scales (Granite's ``residual_multiplier``)."""
         mod = self.f.block(L, post_norm or proj)
         out = self._hidden(self.outputs(mod))
-        return follow_identity(out) if out is not None else None
+        while out is not None and len(out.users) == 1:
+            (user,) = out.users
+            if not ((is_op(user, IDENTITY_OPS) or _is_scalar_scale(user)) and user.args[0] is out):
+                break
+            out = user
+        return out
 
     def mlp(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}.mlp"
