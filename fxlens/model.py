@@ -14,6 +14,7 @@ from torch import fx, nn
 from .cache import ActivationCache
 from .config import ModelConfig
 from .interventions.hooks import HookFn, HookRegistry, active
+from .interventions.weights import WeightsMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
 from .tracer.sites import SPECS, Site, layer_of, spec, template
@@ -24,7 +25,7 @@ _MAX_GRAPHS = 32
 _SPLIT_SUFFIXES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
-class HookedModel(TokenMixin):
+class HookedModel(TokenMixin, WeightsMixin):
     """An HF model with TransformerLens hook sites, cache and hook API.
 
     Build one with :func:`fxlens.from_pretrained` or :func:`fxlens.trace`. The HF model
