@@ -32,7 +32,8 @@ TINY = dict(
     shared_expert_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, embedding_size=64, max_seq_len=128,
     decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2, encoder_attention_heads=4,
-    encoder_ffn_dim=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64, attention_chunk_size=64, rotary_dim=8,
+    encoder_ffn_dim=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64, attention_chunk_size=64,
+    rotary_dim=8,
 )
 TIMEOUT_S = 180
 

@@ -1,6 +1,7 @@
 """The ``fxlens`` command line.
 
     fxlens sites MODEL [--filter TEXT] [--block L]   the hook site table of a model
+    fxlens lens train|eval|plot --model M --text T --out DIR   tuned / logit lenses
 
 MODEL is a hub name, a local HF folder, a ``.gguf`` file, or ``offline:smollm2`` /
 ``offline:minilm`` for the models shipped by the offline packages. Subcommands are
@@ -67,7 +68,14 @@ def _cmd_sites(args) -> int:
     return 0
 
 
-_COMMANDS = (_add_sites,)
+# -- lens -----------------------------------------------------------------------------------
+def _add_lens(sub) -> None:
+    from .lenses.commands import add_lens
+
+    add_lens(sub)
+
+
+_COMMANDS = (_add_sites, _add_lens)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         nodes = {n.name: n for n in gm.graph.nodes}
         ln_op = nodes[sites["blocks.0.ln1.hook_scale"].extra["op"]].target
         extra = {"family": asdict(family),
-                 "d_mlp": int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1]),
+                 "d_mlp": _d_mlp(config, nodes, sites),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
             graph_cache_mod.save(hf_model, gm, output, sites, extra)
@@ -58,6 +58,13 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0)
     model.graph_from_cache = hit is not None
     return model
+
+
+def _d_mlp(config, nodes: dict, sites: dict) -> int:
+    """MLP width: from the graph, or the config for mixture-of-experts blocks (per expert)."""
+    if "blocks.0.mlp.hook_pre" in sites:
+        return int(nodes[sites["blocks.0.mlp.hook_pre"].node].meta["val"].shape[-1])
+    return int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
 
 
 def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:

@@ -209,6 +209,12 @@ class HookedModel(TokenMixin, WeightsMixin):
         return [{"name": n, "shape": spec(n).shape, "module": self._sites[n].module,
                  "found_by": self._sites[n].found_by} for n in self.all_hook_names]
 
+    def patch(self, patches):
+        """Context applying ``{site: Patch or [patches]}`` (see :mod:`fxlens.interventions.patches`)."""
+        from .interventions.patches import patch_context
+
+        return patch_context(self, patches)
+
     def __repr__(self) -> str:
         c = self.cfg
         return (f"HookedModel({c.family}: {c.n_layers} layers, d_model={c.d_model}, heads={c.n_heads}/"

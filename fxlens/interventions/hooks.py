@@ -51,6 +51,18 @@ class HookRegistry:
     def remove_temporary(self) -> None:
         self._fns = {k: kept for k, v in self._fns.items() if (kept := [e for e in v if not e[1]])}
 
+    def remove(self, name: str, fn: HookFn) -> None:
+        """Remove one registration of ``fn`` at ``name`` (the last one added)."""
+        entries = self._fns.get(name, [])
+        for i in range(len(entries) - 1, -1, -1):
+            if entries[i][0] is fn:
+                del entries[i]
+                break
+        else:
+            raise KeyError(f"{fn!r} is not registered at {name}")
+        if not entries:
+            del self._fns[name]
+
     def clear(self) -> None:
         self._fns.clear()
 

@@ -55,10 +55,18 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
     o_proj = _next_linear(ix, core[0], attn)
     if o_proj is None:
         raise _fail(mt, f"the attention output projection after {core[0].name}")
+    topk = [n for n in nodes if is_op(n, {aten.topk.default}) and not ix.inside(n, attn)]
+    moe = f"{block}.{ix.path(topk[0])[len(block) + 1:].split('.')[0]}" if topk else None
     linears = [n for n in nodes if is_op(n, _LINEAR_OPS) and not ix.inside(n, attn)]
-    if not linears or ix.path(linears[-1]) == ix.path(o_proj):
+    if moe:  # experts run as grouped matmuls: the MoE module is the MLP
+        outs = [o for o in ix.outputs(moe) if _is_hidden(o, model)]
+        if not outs:
+            raise _fail(mt, f"the output of the mixture-of-experts module {moe}")
+        down = outs[0]
+    elif not linears or ix.path(linears[-1]) == ix.path(o_proj):
         raise _fail(mt, f"an MLP down projection in {block}")
-    down = linears[-1]
+    else:
+        down = linears[-1]
     norms = list(dict.fromkeys(ix.path(n) for n in nodes if is_op(n, _NORM_OPS) and not ix.inside(n, attn)))
 
     def reads(norm: str, anchor: fx.Node) -> bool:  # does ``norm`` read ``anchor`` (modulo identity ops)?
@@ -78,11 +86,13 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
         raise _fail(mt, f"the norms feeding attention and MLP in {block} (norm modules: {norms})")
     act_nodes = [n for n in nodes if is_op(n, _ACT_OPS) and not ix.inside(n, attn)]
     act = ix.path(act_nodes[0]) if act_nodes else None
-    if act is None or act in (ix.path(down), block) or act == _parent(ix.path(down)):
+    if moe:
+        act = None
+    elif act is None or act in (ix.path(down), block) or act == _parent(ix.path(down)):
         raise _fail(mt, f"an MLP activation module in {block} (activation ops: {[n.name for n in act_nodes]})")
     layer_in = [a for a in ix.inputs(block) if _is_hidden(a, model)]
     parallel = shared or (bool(layer_in) and reads(ln2, layer_in[0]) and reads(ln1, layer_in[0]))
-    down_in = ix.inputs(ix.path(down))
+    down_in = [] if moe else ix.inputs(ix.path(down))
     gated = (bool(down_in) and is_op(down_in[0], {aten.mul.Tensor}) and not ix.inside(down_in[0], act)
              and all(isinstance(a, fx.Node) for a in down_in[0].args))
     rel = lambda p: p[len(block) + 1:] if p else None  # noqa: E731
@@ -90,8 +100,8 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
         name=mt, model_types=(mt,), embed=embed, layers=layers,
         ln_final=_final_norm(ix, gm, layers), pos_embed=_pos_embed(model, ix, embed, layers, names),
         ln1=rel(ln1), ln2=rel(ln2), attn=rel(attn), attn_out=rel(ix.path(o_proj)),
-        attn_post_norm=rel(attn_post), mlp_act=rel(act), mlp_out=rel(ix.path(down)), mlp_post_norm=rel(mlp_post),
-        parallel=parallel, gated=gated,
+        attn_post_norm=rel(attn_post), mlp_act=rel(act), mlp_out=rel(moe or ix.path(down)),
+        mlp_post_norm=rel(mlp_post), parallel=parallel, gated=gated, moe=bool(moe),
     )
 
 

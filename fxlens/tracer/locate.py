@@ -170,6 +170,13 @@ class Locator:
 
     def mlp(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}.mlp"
+        if f.moe:
+            topk = next((n for n in self.ix.nodes(f.block(L, f.mlp_out)) if is_op(n, {aten.topk.default})), None)
+            logits = topk.args[0] if topk is not None else None
+            while logits is not None and not is_op(logits, {aten.linear.default, aten.mm.default}):
+                logits = logits.args[0] if logits.args and isinstance(logits.args[0], fx.Node) else None
+            self.add(f"{p}.hook_router_logits", logits, f.block(L, f.mlp_out))
+            return
         act, down = f.block(L, f.mlp_act), f.block(L, f.mlp_out)
         act_in = self.ix.inputs(act)
         pre = act_in[0] if len(act_in) == 1 else None

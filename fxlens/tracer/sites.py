@@ -62,6 +62,8 @@ _SPECS = [
     SiteSpec("blocks.{L}.mlp.hook_pre", "MLP pre-activation (gate projection in gated MLPs)", "[batch, pos, d_mlp]"),
     SiteSpec("blocks.{L}.mlp.hook_pre_linear", "gated MLPs: the linear (up) projection", "[batch, pos, d_mlp]"),
     SiteSpec("blocks.{L}.mlp.hook_post", "MLP hidden activation, input of the down projection", "[batch, pos, d_mlp]"),
+    SiteSpec("blocks.{L}.mlp.hook_router_logits", "mixture-of-experts blocks: router logits, one per expert",
+             "[batch, pos, n_experts]"),
     SiteSpec("blocks.{L}.hook_mlp_out", "MLP output as added to the residual stream", "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.hook_resid_post", "residual stream leaving block L", "[batch, pos, d_model]"),
     SiteSpec("ln_final.hook_scale", "final norm scale", "[batch, pos, 1]"),

@@ -94,3 +94,24 @@ def test_sites_cli_shows_discovered_table(tmp_path):
         assert cli_main(["sites", str(tmp_path)]) == 0
     text = out.getvalue()
     assert "blocks.0.attn.hook_rot_q" in text and "discovery" in text and "model.layers.0.self_attn" in text
+
+
+def test_mixture_of_experts_block_sites():
+    hf = _tiny("mixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
+    m = fxlens.trace(hf, graph_cache=False)
+    assert m.family.moe and "blocks.0.mlp.hook_pre" not in m.sites
+    ids = tokens(2, 5)
+    out, cache = m.run_with_cache(ids)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), output_router_logits=True)
+    assert (out - ref.logits).abs().max().item() <= 1e-5
+    for L in range(2):
+        router = cache[f"blocks.{L}.mlp.hook_router_logits"]
+        assert router.shape == (2, 5, 4)
+        assert (router.flatten(0, 1) - ref.router_logits[L]).abs().max().item() <= 1e-5
+        assert (cache["resid_mid", L] + cache["mlp_out", L] - cache["resid_post", L]).abs().max().item() <= 1e-5
+    # steering the router changes the output: the hook is honoured inside the MoE block
+    bias = torch.tensor([10.0, 0, 0, -10.0])
+    steered = m.run_with_hooks(ids, fwd_hooks=[("blocks.0.mlp.hook_router_logits", lambda x, hook: x + bias)])
+    assert (steered - out).abs().max().item() > 1e-4

@@ -33,6 +33,9 @@ class Family:
         parallel: attention and MLP read the same residual (GPT-NeoX, Phi-2, GPT-J).
         post_norm: norms sit after the residual adds (BERT).
         gated: the MLP is gated (``act(gate) * up``).
+        moe: the MLP is a mixture of experts; ``mlp_out`` is then the whole MoE module and
+            ``mlp_act`` is ``None``: per-expert activations are not single tensors, so the
+            block has ``mlp.hook_router_logits`` instead of ``mlp.hook_pre/post``.
     """
 
     name: str
@@ -46,12 +49,13 @@ class Family:
     attn: str = "self_attn"
     attn_out: str = "self_attn.o_proj"
     attn_post_norm: str | None = None
-    mlp_act: str = "mlp.act_fn"
+    mlp_act: str | None = "mlp.act_fn"
     mlp_out: str = "mlp.down_proj"
     mlp_post_norm: str | None = None
     parallel: bool = False
     post_norm: bool = False
     gated: bool = True
+    moe: bool = False
 
     def block(self, layer: int, rel: str) -> str:
         """Absolute module path of ``rel`` inside block ``layer``."""

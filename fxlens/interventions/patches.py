@@ -1,0 +1,155 @@
+"""A small vocabulary of interventions: zero, mean, resample, replace, add (steering).
+
+Each patch is a keyword-only dataclass with one ``op(x, hook) -> values`` and an optional
+region (``pos``, ``head``, ``neuron``) that limits where the values are written; outside the
+region ``x`` is kept. Patches are hook functions (``fn(x, hook)``), so they work in
+``run_with_hooks(fwd_hooks=[(name, ZeroPatch(head=3))])``, in ``with model.patch({...})`` and
+inside patching sweeps (``patch_sweep(..., patch=MeanPatch(...))``).
+
+Region dims come from the site's catalogue shape: ``pos`` is the ``pos``/``q_pos`` dim,
+``head`` the ``n_heads``/``n_kv_heads`` dim, ``neuron`` the last dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..tracer.sites import spec
+
+Index = int | slice | Sequence[int] | torch.Tensor | None
+
+
+def site_dims(name: str) -> list[str]:
+    """Dim names of a site from the catalogue, e.g. ``["batch", "pos", "n_heads", "d_head"]``."""
+    return [d.strip() for d in spec(name).shape.strip("[]").split(",")]
+
+
+def region_mask(x: torch.Tensor, name: str, pos: Index = None, head: Index = None,
+                neuron: Index = None) -> torch.Tensor | None:
+    """Boolean mask broadcastable to ``x`` selecting the region; ``None`` means everywhere."""
+    if pos is None and head is None and neuron is None:
+        return None
+    dims = site_dims(name)
+    want = {"pos": pos, "head": head, "neuron": neuron}
+    axes = {"pos": next((i for i, d in enumerate(dims) if d in ("pos", "q_pos")), None),
+            "head": next((i for i, d in enumerate(dims) if d in ("n_heads", "n_kv_heads")), None),
+            "neuron": x.dim() - 1}
+    mask = torch.ones((1,) * x.dim(), dtype=torch.bool, device=x.device)
+    for key, sel in want.items():
+        if sel is None:
+            continue
+        ax = axes[key]
+        if ax is None:
+            raise ValueError(f"{key}= needs a {key} dim; {name} has dims {dims}")
+        keep = torch.zeros(x.shape[ax], dtype=torch.bool, device=x.device)
+        keep[sel if not isinstance(sel, Sequence) else list(sel)] = True
+        mask = mask & keep.view([-1 if i == ax else 1 for i in range(x.dim())])
+    return mask
+
+
+@dataclass(kw_only=True, eq=False)
+class Patch:
+    """Base class: ``op`` gives the new values, the region says where they are written.
+
+    Attributes:
+        pos: positions to patch (``pos``/``q_pos`` dim); ``None`` = all.
+        head: heads to patch (``n_heads``/``n_kv_heads`` dim); ``None`` = all.
+        neuron: features of the last dim to patch (MLP neurons, residual directions); ``None`` = all.
+    """
+
+    pos: Index = None
+    head: Index = None
+    neuron: Index = None
+
+    def op(self, x: torch.Tensor, hook) -> torch.Tensor:
+        """New values for the whole tensor (the region picks from them)."""
+        raise NotImplementedError(f"{type(self).__name__} must define op()")
+
+    def __call__(self, x: torch.Tensor, hook) -> torch.Tensor:
+        new = self.op(x, hook).to(dtype=x.dtype, device=x.device).expand_as(x)
+        mask = region_mask(x, hook.name, self.pos, self.head, self.neuron)
+        return new.clone() if mask is None else torch.where(mask, new, x)
+
+
+@dataclass(kw_only=True, eq=False)
+class ZeroPatch(Patch):
+    """Zero ablation."""
+
+    def op(self, x, hook):
+        return torch.zeros_like(x)
+
+
+@dataclass(kw_only=True, eq=False)
+class ReplacePatch(Patch):
+    """Write ``value`` (broadcast to the site's shape), e.g. a cached clean activation."""
+
+    value: torch.Tensor
+
+    def op(self, x, hook):
+        return self.value
+
+
+@dataclass(kw_only=True, eq=False)
+class AddPatch(Patch):
+    """Steering: ``x + scale * vector`` (``vector`` broadcasts, e.g. ``[d_model]``)."""
+
+    vector: torch.Tensor
+    scale: float = 1.0
+
+    def op(self, x, hook):
+        return x + self.scale * self.vector.to(x.device, x.dtype)
+
+
+@dataclass(kw_only=True, eq=False)
+class MeanPatch(Patch):
+    """Mean ablation: the batch mean of ``reference`` (the site's activations on a reference
+    batch, ``[ref_batch, ...]``), or of the current batch when ``reference`` is ``None``."""
+
+    reference: torch.Tensor | None = None
+
+    def op(self, x, hook):
+        ref = x if self.reference is None else self.reference
+        return ref.mean(0, keepdim=True)
+
+
+@dataclass(kw_only=True, eq=False)
+class ResamplePatch(Patch):
+    """Resample ablation: each row takes the activation of a random row of ``source``
+    (``[n_source, ...]``, e.g. cached on other prompts); ``seed`` makes it repeatable."""
+
+    source: torch.Tensor
+    seed: int = 0
+
+    def op(self, x, hook):
+        g = torch.Generator().manual_seed(self.seed)
+        rows = torch.randint(0, self.source.shape[0], (x.shape[0],), generator=g)
+        return self.source[rows.to(self.source.device)]
+
+
+PatchSpec = Mapping[str, "Patch | Sequence[Patch]"]
+
+
+@contextmanager
+def patch_context(model, patches: PatchSpec) -> Iterator:
+    """Apply ``{site: patch or [patches]}`` for the duration of the block; contexts nest.
+
+    Names are checked before anything is applied (``KeyError`` with the closest names).
+    """
+    items = [(name, p) for name, ps in patches.items() for p in (ps if isinstance(ps, Sequence) else [ps])]
+    model.resolve([name for name, _ in items])
+    for name, p in items:
+        if not callable(p):
+            raise TypeError(f"patch for {name} must be a Patch or fn(x, hook), not {type(p).__name__}")
+    added = []
+    try:
+        for name, p in items:
+            model._registry.add(name, p, temporary=False)
+            added.append((name, p))
+        yield model
+    finally:
+        for name, p in reversed(added):
+            model._registry.remove(name, p)

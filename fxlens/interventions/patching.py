@@ -1,0 +1,247 @@
+"""Activation patching sweeps in the TransformerLens style, run batched.
+
+Every function takes ``(model, corrupted_tokens, clean_cache, patching_metric)`` like
+TransformerLens' ``patching`` module and returns a tensor of its shape (e.g. ``[n_layers,
+pos]``). A cell patches one site (and position / head) of the corrupted run with the clean
+activation, or with any :class:`~fxlens.interventions.patches.Patch` given as ``patch=``
+(zero, mean, resample ablation sweeps).
+
+``schedule`` picks the execution:
+
+* ``"loop"``: one forward per cell (the reference);
+* ``"batched"``: the cells ride the batch dimension, per-row patch masks in one hooked
+  graph, chunked to ``batch_size`` rows;
+* ``"wavefront"``: one pass over the blocks, cells joining at their block from the cached
+  corrupted residual stream (:mod:`fxlens.interventions.wavefront`); sites outside
+  blocks fall back to ``"batched"``;
+* ``"auto"`` (default): ``"wavefront"`` where the graph can be cut into blocks.
+
+Batched schedules skip cells whose clean and corrupted activations are equal (e.g. the
+shared prefix of an IOI pair): their value is the corrupted metric. ``patching_metric``
+receives logits ``[batch, pos, vocab]``; with ``logits_at`` (e.g. ``-1``) it receives only
+those positions (``[batch, len(logits_at), vocab]``) and the batched schedules unembed only
+them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import ActivationCache
+from ..tracer.sites import layer_of
+from .patches import Patch, ReplacePatch, region_mask, site_dims
+from .wavefront import Cell, Segments, apply_cell, run_wavefront
+
+Metric = Callable[[torch.Tensor], torch.Tensor | float]
+
+
+def _cells(model, x_like: dict[str, torch.Tensor], sites: Sequence[str], by_pos: bool, by_head: bool,
+           patch: Patch | None, clean_cache: ActivationCache | None) -> tuple[list[Cell], tuple[int, ...]]:
+    cells, shape = [], None
+    for site in sites:
+        x = x_like[site]
+        n_pos = x.shape[1]
+        head_ax = next((i for i, d in enumerate(site_dims(site)) if d in ("n_heads", "n_kv_heads")), None)
+        n_heads = x.shape[head_ax] if head_ax is not None else None
+        if by_head and n_heads is None:
+            raise ValueError(f"by_head needs a head dim; {site} has none")
+        if patch is None:
+            if clean_cache is None or site not in clean_cache:
+                raise KeyError(f"clean_cache has no {site}; cache it (run_with_cache names_filter) or pass patch=")
+            op = ReplacePatch(value=clean_cache[site]).op
+        else:
+            op = patch.op
+        grid = [(p, h) for p in (range(n_pos) if by_pos else [None]) for h in (range(n_heads) if by_head else [None])]
+        shape = (len(sites), *((n_pos,) if by_pos else ()), *((n_heads,) if by_head else ()))
+        for p, h in grid:
+            cells.append(Cell(site, region_mask(x, site, pos=p, head=h), op))
+    return cells, shape
+
+
+def _metric_value(metric: Metric, logits: torch.Tensor) -> float:
+    v = metric(logits)
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"patching_metric must return a scalar; got shape {tuple(v.shape)}")
+        v = v.item()
+    return float(v)
+
+
+def _unchanged(cell: Cell, clean: torch.Tensor, corrupt: torch.Tensor) -> bool:
+    """Whether replacing the cell's region with the clean activation changes nothing."""
+    if clean.shape != corrupt.shape:
+        return False
+    if cell.mask is None:
+        return torch.equal(clean, corrupt)
+    return bool(torch.where(cell.mask, clean, corrupt).eq(corrupt).all())
+
+
+def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache | None,
+                patching_metric: Metric, sites: Sequence[str], *, by_pos: bool = True, by_head: bool = False,
+                patch: Patch | None = None, schedule: str = "auto", batch_size: int = 512,
+                logits_at: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
+                progress: bool = True) -> torch.Tensor:
+    """Patch each cell of ``sites`` (x position if ``by_pos``, x head if ``by_head``) into the corrupted run.
+
+    Args:
+        model: a :class:`~fxlens.HookedModel`.
+        corrupted_tokens: ``[batch, pos]`` token ids of the corrupted run.
+        clean_cache: clean activations of every site in ``sites`` (same shapes); unused with ``patch=``.
+        patching_metric: ``logits -> scalar``.
+        sites: full site names, one result row each.
+        by_pos: one cell per position (else the whole site at once).
+        by_head: one cell per head (sites with a head dim, e.g. ``attn.hook_z``).
+        patch: write ``patch.op(x)`` instead of the clean activation (ablation sweeps).
+        schedule: ``"auto"``, ``"wavefront"``, ``"batched"`` or ``"loop"`` (see the module docstring).
+        batch_size: most rows (cells x batch) per forward.
+        logits_at: positions whose logits the metric reads (``None``: all).
+        attention_mask: mask of the corrupted run (default: all ones).
+        progress: show a tqdm bar.
+
+    Returns:
+        ``[len(sites), (pos), (n_heads)]`` metric values.
+    """
+    ids = torch.as_tensor(corrupted_tokens, device=model.device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device)
+    sites = list(sites)
+    model.resolve(sites)
+    if schedule not in ("auto", "wavefront", "batched", "loop"):
+        raise ValueError(f"schedule must be 'auto', 'wavefront', 'batched' or 'loop', not {schedule!r}")
+    resid_names = [f"blocks.{L}.hook_resid_pre" for L in range(model.cfg.n_layers)]
+    resid_names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    want = list(dict.fromkeys([*sites, *resid_names]))
+    corrupt_logits, corrupt = model.run_with_cache(ids, names_filter=want, attention_mask=mask)
+    cells, shape = _cells(model, dict(corrupt), sites, by_pos, by_head, patch, clean_cache)
+    keep = torch.arange(ids.shape[1]) if logits_at is None else torch.arange(ids.shape[1])[
+        torch.as_tensor([logits_at] if isinstance(logits_at, int) else list(logits_at))]
+    keep = keep.to(ids.device)
+    base_value = _metric_value(patching_metric, corrupt_logits[:, keep])
+    results = torch.full((len(cells),), float("nan"))
+
+    if schedule == "loop":
+        for i, cell in enumerate(tqdm(cells, disable=not progress, desc="patching (loop)")):
+            logits = model.run_with_hooks(ids, fwd_hooks=[(cell.site, lambda x, hook, c=cell: apply_cell(c, x))],
+                                          attention_mask=mask)
+            results[i] = _metric_value(patching_metric, logits[:, keep])
+        return results.reshape(shape)
+
+    todo = []
+    for i, cell in enumerate(cells):
+        if patch is None and _unchanged(cell, clean_cache[cell.site], corrupt[cell.site]):
+            results[i] = base_value
+        else:
+            todo.append(i)
+    wave = schedule in ("auto", "wavefront") and all(layer_of(cells[i].site) is not None for i in todo)
+    if schedule == "wavefront" and not wave:
+        raise ValueError("schedule='wavefront' needs sites inside blocks; use 'batched' for hook_embed/ln_final")
+    segments = None
+    if wave:
+        try:
+            segments = _segments(model, frozenset(cells[i].site for i in todo if not cells[i].direct))
+        except ValueError:
+            if schedule == "wavefront":
+                raise
+    b = ids.shape[0]
+    per_chunk = max(1, batch_size // b)
+    if segments is not None:
+        todo.sort(key=lambda i: cells[i].join)
+        resid = {L: corrupt[f"blocks.{L}.hook_resid_pre"] for L in range(model.cfg.n_layers)}
+        resid[model.cfg.n_layers] = corrupt[resid_names[-1]]
+    chunks = [todo[j:j + per_chunk] for j in range(0, len(todo), per_chunk)]
+    for chunk in tqdm(chunks, disable=not progress, desc=f"patching ({'wavefront' if segments else 'batched'})"):
+        group = [cells[i] for i in chunk]
+        if segments is not None:
+            logits = run_wavefront(model, segments, group, ids, mask, resid, keep)
+        else:
+            logits = _run_batched(model, group, ids, mask)[:, keep]
+        for j, i in enumerate(chunk):
+            results[i] = _metric_value(patching_metric, logits[j * b:(j + 1) * b])
+    return results.reshape(shape)
+
+
+def _segments(model, hooked: frozenset[str]) -> Segments:
+    store = model.__dict__.setdefault("_sweep_segments", {})
+    if hooked not in store:
+        if len(store) >= 4:
+            store.pop(next(iter(store)))
+        store[hooked] = Segments(model, hooked)
+    return store[hooked]
+
+
+def _run_batched(model, cells: list[Cell], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """All ``cells`` as row groups of one forward; each site's hook patches its groups only."""
+    b = ids.shape[0]
+    by_site: dict[str, list[int]] = {}
+    for g, cell in enumerate(cells):
+        by_site.setdefault(cell.site, []).append(g)
+
+    def hook(x: torch.Tensor, hook) -> torch.Tensor:
+        x = x.clone()
+        for g in by_site[hook.name]:
+            x[g * b:(g + 1) * b] = apply_cell(cells[g], x[g * b:(g + 1) * b])
+        return x
+
+    n = len(cells)
+    return model.run_with_hooks(ids.repeat(n, 1), fwd_hooks=[(s, hook) for s in by_site],
+                                attention_mask=mask.repeat(n, 1))
+
+
+# -- TransformerLens-named sweeps ----------------------------------------------------------
+def _layers(model, template: str) -> list[str]:
+    return [template.format(L=L) for L in range(model.cfg.n_layers)]
+
+
+def get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Residual stream entering each block, by position: ``[n_layers, pos]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.hook_resid_pre"), **kw)
+
+
+def get_act_patch_resid_mid(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Residual stream between attention and MLP, by position: ``[n_layers, pos]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.hook_resid_mid"), **kw)
+
+
+def get_act_patch_resid_post(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Residual stream leaving each block, by position: ``[n_layers, pos]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.hook_resid_post"), **kw)
+
+
+def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Attention output, by position: ``[n_layers, pos]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.hook_attn_out"), **kw)
+
+
+def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """MLP output, by position: ``[n_layers, pos]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.hook_mlp_out"), **kw)
+
+
+def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, patching_metric,
+                                        **kw) -> torch.Tensor:
+    """Each head's output (``hook_z``) at every position at once: ``[n_layers, n_heads]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.attn.hook_z"), by_pos=False, by_head=True, **kw)
+
+
+def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, patching_metric,
+                                       **kw) -> torch.Tensor:
+    """Each head's output (``hook_z``) by position: ``[n_layers, pos, n_heads]``."""
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       _layers(model, "blocks.{L}.attn.hook_z"), by_pos=True, by_head=True, **kw)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """``resid_pre``, ``attn_out`` and ``mlp_out`` by layer and position: ``[3, n_layers, pos]``."""
+    names = [*_layers(model, "blocks.{L}.hook_resid_pre"), *_layers(model, "blocks.{L}.hook_attn_out"),
+             *_layers(model, "blocks.{L}.hook_mlp_out")]
+    out = patch_sweep(model, corrupted_tokens, clean_cache, patching_metric, names, **kw)
+    return out.unflatten(0, (3, model.cfg.n_layers))
