@@ -8,6 +8,7 @@ and the library versions, not on the weights. This cache stores the normalised g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import operator
@@ -32,11 +33,20 @@ class _Ref:
         self.name = name
 
 
+@functools.lru_cache(maxsize=1)
+def _tracer_source_hash() -> str:
+    """Hash of the tracer's own code: a changed placement rule never reads stale sites."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(model: nn.Module) -> str:
-    """Structure key: config, parameter/buffer shapes and dtypes, versions."""
+    """Structure key: config, parameter/buffer shapes and dtypes, versions, tracer code."""
     from .. import __version__
 
-    parts = [
+    parts = [_tracer_source_hash(),
         model.config.to_json_string(use_diff=False), type(model).__name__,
         str(getattr(model.config, "_attn_implementation", None)),
         json.dumps([(k, list(v.shape), str(v.dtype), str(v.device))
