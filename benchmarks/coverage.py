@@ -147,7 +147,7 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.1e}"
 
 
-def write_markdown(rows: list[dict], seconds: float) -> str:
+def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
     import torch
     import transformers
 
@@ -160,7 +160,8 @@ def write_markdown(rows: list[dict], seconds: float) -> str:
         "d_model 64), traced with its rule or by discovery, and checked against HF in fp32.", "",
         f"transformers {transformers.__version__}, torch {torch.__version__}; {len(rows)} families, "
         f"**{n_green} green** ({by_how['rule']} by rule, {by_how['discovery']} by discovery with no rule); "
-        f"run took {seconds / 60:.1f} min.", "",
+        f"run took {seconds / 60:.1f} min."
+        + ("" if len(rows) == total else f" **Partial: {len(rows)} of {total} families checked.**"), "",
         "Columns: captured (torch.export succeeded), sites (every site placed), fidelity (max-abs no-hook "
         "output vs HF, green ≤ 1e-5), cache-all / hooks-all (max-abs with every site cached / an identity "
         "hook on every site, green ≤ 1e-4). A family that is not green shows why; none returns wrong numbers "
@@ -190,9 +191,10 @@ def main(argv: list[str]) -> int:
         row = _run_subprocess(mt) if isolate else _run_inline(mt)
         rows.append(row)
         print(f"[{i}/{len(types)}] {mt:28s} {'green' if green(row) else 'FAIL ' + row['reason'][:110]}", flush=True)
-    if not argv:
-        (ROOT / "docs" / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (ROOT / "docs" / "coverage.md").write_text(write_markdown(rows, time.perf_counter() - t0))
+        if not argv:  # rewritten after every family, so an interrupted run still leaves its rows
+            (ROOT / "docs" / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
+            (ROOT / "docs" / "coverage.md").write_text(
+                write_markdown(rows, time.perf_counter() - t0, len(types)))
     print(f"{sum(map(green, rows))}/{len(rows)} green")
     return 0
 
