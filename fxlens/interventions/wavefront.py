@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..tracer.graph import module_path
+from ..tracer.graph import SDPA_OPS, is_op, module_path
 from ..tracer.sites import layer_of
 from ..tracer.specialise import Request
 from .hooks import HookPoint, HookRegistry, active
@@ -34,6 +34,7 @@ class Segments:
 
     def __init__(self, model, hooked: frozenset[str]):
         sites, n = model._sites, model.cfg.n_layers
+        self.hooked = hooked
         for name in ("hook_embed", *(f"blocks.{L}.hook_{w}" for L in range(n) for w in ("resid_pre", "resid_post"))):
             if sites[name].layout != "same":
                 raise ValueError(f"{name} is not a [batch, pos, d_model] node in this graph; use schedule='batched'")
@@ -55,7 +56,7 @@ class Segments:
         old = nodes[start]
         old.replace_all_uses_with(resid)
         g.output(target)
-        g.eliminate_dead_code()
+        _dead_code(g)
         fam = model.family
         for node in g.nodes:
             path = module_path(node)
@@ -68,6 +69,15 @@ class Segments:
                                  "outside the block; use schedule='batched'")
         g.lint()
         return fx.GraphModule(gm, g)
+
+
+def _dead_code(g: fx.Graph) -> None:
+    """Dead-code elimination that also drops unused SDPA calls (fx counts them impure: dropout RNG)."""
+    for node in reversed(list(g.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if not node.is_impure() or is_op(node, SDPA_OPS):
+            g.erase_node(node)
 
 
 @dataclass
@@ -117,7 +127,7 @@ def run_wavefront(model, segments: Segments, cells: list[Cell], ids: torch.Tenso
             x[sl] = apply_cell(cell, x[sl])
         return x
 
-    for site in {c.site for c in cells if not c.direct}:
+    for site in segments.hooked:
         registry.add(site, hook, temporary=False)
     start = min(c.join for c in cells)
     with torch.no_grad(), active(registry):
