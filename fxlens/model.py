@@ -215,6 +215,12 @@ class HookedModel(TokenMixin, WeightsMixin):
 
         return patch_context(self, patches)
 
+    def generate(self, input, max_new_tokens: int = 10, *, fwd_hooks=(), **hf_kwargs):
+        """HF ``generate`` (KV cache) with hooks at every step (see :mod:`fxlens.interventions.generate`)."""
+        from .interventions.generate import generate
+
+        return generate(self, input, max_new_tokens, fwd_hooks=fwd_hooks, **hf_kwargs)
+
     def __repr__(self) -> str:
         c = self.cfg
         return (f"HookedModel({c.family}: {c.n_layers} layers, d_model={c.d_model}, heads={c.n_heads}/"
