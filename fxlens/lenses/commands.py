@@ -48,7 +48,7 @@ def _common(p: argparse.ArgumentParser, text_help: str) -> None:
                    help=text_help + " .txt files, folders of them, or austen:train / austen:eval")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk (default: 128)")
-    p.add_argument("--max-chunks", type=int, default=None, help="use only the first N chunks of the text")
+    p.add_argument("--max-chunks", type=int, default=None, help="use only N chunks, evenly spaced over the text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each rank's own GPU)")
 

@@ -103,7 +103,7 @@ def tokenize_chunks(tokenizer, sources, seq_len: int = 512, max_chunks: int | No
     """Read ``sources`` (see :func:`text_files`), tokenise, and cut into ``seq_len``-token chunks.
 
     Documents are joined with the tokenizer's EOS token (when it has one); the tail shorter than
-    ``seq_len`` is dropped.
+    ``seq_len`` is dropped. ``max_chunks`` keeps that many chunks evenly spaced over the text.
     """
     if tokenizer is None:
         raise ValueError("tokenising text needs the model's tokenizer; this model has none")
@@ -118,11 +118,11 @@ def tokenize_chunks(tokenizer, sources, seq_len: int = 512, max_chunks: int | No
             ids.append(eos)
         ids += tokenizer(text, add_special_tokens=False)["input_ids"]
     n = len(ids) // seq_len
-    if max_chunks is not None:
-        n = min(n, max_chunks)
     if n == 0:
         raise ValueError(f"{len(ids)} tokens in {[str(f) for f in files]}: fewer than one chunk of {seq_len}")
     tokens = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if max_chunks is not None and max_chunks < n:
+        tokens = tokens[torch.linspace(0, n - 1, max_chunks).round().long()]
     texts = tokenizer.batch_decode(tokens[:, 1:].tolist())
     target_bytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.long)
     return TokenChunks(tokens, target_bytes, [str(f) for f in files])

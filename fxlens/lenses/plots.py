@@ -64,7 +64,7 @@ def plot_metric(ev: LensEval, path: str | Path, metric: str = "bits_per_byte", *
 
 
 def _cell(text: str, width: int = 8) -> str:
-    text = text.replace("\n", "\\n").replace("\t", "\\t")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
