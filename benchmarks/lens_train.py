@@ -76,7 +76,7 @@ def main() -> None:
     a = train_lens(m, chunks, cfg).lens
     b = TunedLens(m)
     eager_train(m.hf_model, b, chunks, cfg)
-    diff = max(float((x - y).abs().max()) for x, y in zip(a.parameters(), b.parameters()))
+    diff = max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters()))
     print(f"max |fxlens - eager| translator difference after {cfg.steps} step(s): {diff:.2e}")
 
     fx, eg = [], []
