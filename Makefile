@@ -82,3 +82,9 @@ lens-demo: install austen
 
 bench-lens: install austen
 	FXLENS_AUSTEN=$(AUSTEN) $(PY) benchmarks/lens_train.py
+
+# The TransformerLens Main Demo on SmolLM2 -> docs/main_demo.md + PNG heatmaps (needs matplotlib).
+.PHONY: main-demo
+main-demo: install
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
+	$(PY) docs/main_demo.py
