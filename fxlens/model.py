@@ -17,7 +17,7 @@ from .interventions.hooks import HookFn, HookRegistry, active
 from .interventions.weights import WeightsMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
-from .tracer.sites import SPECS, Site, layer_of, spec, template
+from .tracer.sites import Site, layer_of, site_rank, spec
 from .tracer.specialise import Request, specialise, split_index
 
 NameFilter = str | Iterable[str] | Callable[[str], bool] | None
@@ -46,9 +46,7 @@ class HookedModel(TokenMixin, WeightsMixin):
         self.use_split_inputs = False
 
     def _site_order(self, name: str) -> tuple:
-        layer = layer_of(name)
-        layer = (-1 if name.startswith("hook_") else self.cfg.n_layers) if layer is None else layer
-        return layer, list(SPECS).index(template(name))
+        return site_rank(name, self.cfg.n_layers)
 
     @property
     def hook_names(self) -> list[str]:

@@ -9,6 +9,8 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from .graph import getattr_path
+
 
 class CaptureError(RuntimeError):
     """``torch.export`` could not capture the model."""
@@ -98,22 +100,13 @@ def _normalise(exported: fx.GraphModule) -> tuple[fx.GraphModule, str]:
             graph.output(env[flat[idx]])
             break
         if node.op == "get_attr":
-            attrs[node.target] = _get(exported, node.target)
+            attrs[node.target] = getattr_path(exported, node.target)
         env[node] = graph.node_copy(node, lambda n: env[n])
     _drop_noops(graph)
     gm = fx.GraphModule(attrs, graph, class_name="CapturedModel")
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, kind
-
-
-def _get(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 _aten = torch.ops.aten
 _CASTS = {_aten.to.dtype, _aten.to.dtype_layout, _aten.to.device, _aten.type_as.default}
 _NOOPS = {_aten.dropout.default, _aten.alias.default, _aten.detach.default}

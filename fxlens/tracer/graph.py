@@ -132,6 +132,13 @@ class ModuleIndex:
         return sorted(seen, key=self.order.__getitem__)
 
 
+def getattr_path(root: object, target: str) -> object:
+    """``root.a.b.c`` for ``target == "a.b.c"`` (how get_attr/call_module targets resolve)."""
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
 def follow_identity(node: fx.Node) -> fx.Node:
     """Follow single-user identity ops (dropout, dtype casts, clones) forward."""
     while len(node.users) == 1:

@@ -21,6 +21,7 @@ import torch
 import transformers
 from torch import fx, nn
 
+from .graph import getattr_path
 from .sites import Site
 
 FORMAT = 3
@@ -155,9 +156,3 @@ def load(model: nn.Module) -> tuple[fx.GraphModule, str, dict[str, Site], dict] 
     sites = {s["name"]: Site(**s) for s in blob["sites"]}
     return gm, blob["output"], sites, blob["extra"]
 
-
-def getattr_path(root: object, target: str) -> object:
-    """``root.a.b.c`` for ``target == "a.b.c"``."""
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root

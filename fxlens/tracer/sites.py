@@ -72,6 +72,7 @@ _SPECS = [
 ]
 
 SPECS: dict[str, SiteSpec] = {s.name: s for s in _SPECS}
+_INDEX = {name: i for i, name in enumerate(SPECS)}
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -84,6 +85,14 @@ def layer_of(name: str) -> int | None:
     """Block index of a site name, ``None`` for sites outside blocks."""
     m = _LAYER_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def site_rank(name: str, n_layers: int) -> tuple[int, int]:
+    """Forward order of sites: embeddings, then block by block in catalogue order, then ln_final."""
+    layer = layer_of(name)
+    if layer is None:
+        layer = -1 if name.startswith("hook_") else n_layers
+    return layer, _INDEX[template(name)]
 
 
 def spec(name: str) -> SiteSpec:

@@ -12,13 +12,11 @@ import torch
 from torch import fx
 
 from ..interventions.hooks import run_hook
-from .graph import inside
+from .graph import getattr_path, inside
 from .passes.attention import expand_sdpa
 from .passes.norm_scale import expose_scale
 from .passes.split_inputs import SPLIT_SITES, build_split_inputs, probe_feature_index
-from .sites import SPECS, Site, layer_of, template
-
-_ORDER = {name: i for i, name in enumerate(SPECS)}
+from .sites import Site, layer_of, site_rank
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,7 @@ def _present(graph: fx.Graph, x: fx.Node, site: Site, ids: fx.Node) -> tuple[fx.
 
 
 def _sort_key(name: str, pos: dict, node: fx.Node, n_layers: int) -> tuple:
-    layer = layer_of(name)
-    layer = (-1 if name.startswith("hook_") else n_layers) if layer is None else layer
-    return pos[node], layer, _ORDER[template(name)]
+    return pos[node], *site_rank(name, n_layers)
 
 
 def split_index(base: fx.GraphModule, sites: dict[str, Site], n_layers: int) -> dict[str, torch.Tensor]:
@@ -166,7 +162,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     if stop_site and sites[stop_site].layout != "same":
         raise ValueError(f"stop_at_layer needs {stop_site} in [batch, pos, d_model] layout")
     graph.output((main, *(presented[n] for n in req.cache)))
-    root = {n.target: _attr(base, n.target) for n in graph.nodes if n.op == "get_attr" and n.target not in attrs}
+    root = {n.target: getattr_path(base, n.target) for n in graph.nodes if n.op == "get_attr" and n.target not in attrs}
     root.update({k: (v if v is not None else modules.get_submodule(k)) for k, v in attrs.items()})
     gm = fx.GraphModule(root, graph, class_name="SpecialisedModel")
     gm.graph.eliminate_dead_code()
@@ -178,12 +174,6 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
                            "(a site placement bug; please report it with the model type)")
     gm.recompile()
     return gm
-
-
-def _attr(root: object, target: str) -> object:
-    for part in target.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def _after_stop(name: str, stop: int | None) -> bool:
