@@ -213,6 +213,14 @@ class HookedModel(TokenMixin, WeightsMixin):
 
         return patch_context(self, patches)
 
+    def process_weights(self, *, fold_ln: bool = True, center_writing_weights: bool | None = None,
+                        center_unembed: bool = True) -> HookedModel:
+        """A copy with TransformerLens' weight processing (see :mod:`fxlens.interventions.processing`)."""
+        from .interventions.processing import process_weights
+
+        return process_weights(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed)
+
     def generate(self, input, max_new_tokens: int = 10, *, fwd_hooks=(), **hf_kwargs):
         """HF ``generate`` (KV cache) with hooks at every step (see :mod:`fxlens.interventions.generate`)."""
         from .interventions.generate import generate

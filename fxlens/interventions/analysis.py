@@ -200,7 +200,7 @@ def apply_ln_to_stack(stack: torch.Tensor, cache: ActivationCache, model, layer:
     name = ("ln_final.hook_scale" if layer == model.cfg.n_layers
             else f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale")
     _need(cache, [name])
-    if model.cfg.normalization_type == "LN":
+    if model.cfg.normalization_type.startswith("LN"):
         stack = stack - stack.mean(-1, keepdim=True)
     return stack / _pos(cache[name], pos_slice)
 

@@ -25,6 +25,7 @@ them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,7 +84,8 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
                 patching_metric: Metric, sites: Sequence[str], *, by_pos: bool = True, by_head: bool = False,
                 patch: Patch | None = None, schedule: str = "auto", batch_size: int = 512,
                 logits_at: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, max_memory: int | str | None = None,
+                compile: bool | None = None) -> torch.Tensor:
     """Patch each cell of ``sites`` (x position if ``by_pos``, x head if ``by_head``) into the corrupted run.
 
     Args:
@@ -97,9 +99,14 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
         patch: write ``patch.op(x)`` instead of the clean activation (ablation sweeps).
         schedule: ``"auto"``, ``"wavefront"``, ``"batched"`` or ``"loop"`` (see the module docstring).
         batch_size: most rows (cells x batch) per forward.
+        max_memory: activation budget per forward, in bytes or as ``"2GB"`` / ``"512MiB"``; lowers
+            ``batch_size`` to :func:`rows_for_memory` rows.
         logits_at: positions whose logits the metric reads (``None``: all).
         attention_mask: mask of the corrupted run (default: all ones).
         progress: show a tqdm bar.
+        compile: ``torch.compile`` the wavefront's block segments (default: ``model.compile``). The
+            batched and loop schedules run the model's own graphs, compiled when the model was
+            loaded with ``compile=True``; asking them for ``compile=True`` otherwise raises.
 
     Returns:
         ``[len(sites), (pos), (n_heads)]`` metric values.
@@ -111,6 +118,10 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     model.resolve(sites)
     if schedule not in ("auto", "wavefront", "batched", "loop"):
         raise ValueError(f"schedule must be 'auto', 'wavefront', 'batched' or 'loop', not {schedule!r}")
+    compile = model.compile if compile is None else compile
+    if compile and not model.compile and schedule in ("batched", "loop"):
+        raise ValueError(f"compile=True with schedule={schedule!r} runs the model's own graphs: load the model "
+                         "with compile=True (or use the wavefront schedule)")
     resid_names = [f"blocks.{L}.hook_resid_pre" for L in range(model.cfg.n_layers)]
     resid_names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
     want = list(dict.fromkeys([*sites, *resid_names]))
@@ -135,13 +146,15 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
             results[i] = base_value
         else:
             todo.append(i)
+    if max_memory is not None:
+        batch_size = min(batch_size, rows_for_memory(model, ids.shape[1], len(keep), max_memory))
     wave = schedule in ("auto", "wavefront") and all(layer_of(cells[i].site) is not None for i in todo)
     if schedule == "wavefront" and not wave:
         raise ValueError("schedule='wavefront' needs sites inside blocks; use 'batched' for hook_embed/ln_final")
     segments = None
     if wave:
         try:
-            segments = _segments(model, frozenset(cells[i].site for i in todo if not cells[i].direct))
+            segments = _segments(model, frozenset(cells[i].site for i in todo if not cells[i].direct), compile)
         except ValueError:
             if schedule == "wavefront":
                 raise
@@ -163,13 +176,39 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     return results.reshape(shape)
 
 
-def _segments(model, hooked: frozenset[str]) -> Segments:
+def _segments(model, hooked: frozenset[str], compile: bool) -> Segments:
     store = model.__dict__.setdefault("_sweep_segments", {})
-    if hooked not in store:
+    key = (hooked, compile)
+    if key not in store:
         if len(store) >= 4:
             store.pop(next(iter(store)))
-        store[hooked] = Segments(model, hooked)
-    return store[hooked]
+        store[key] = Segments(model, hooked, compile=compile)
+    return store[key]
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(size: int | str) -> int:
+    """``2_000_000``, ``"2MB"``, ``"1.5 GiB"`` -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
+    if not m or m.group(2).lower() not in _UNITS | {"": 1}:
+        raise ValueError(f"cannot read a memory size from {size!r} (use bytes or e.g. '2GB', '512MiB')")
+    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+
+
+def rows_for_memory(model, n_pos: int, n_logit_pos: int, max_memory: int | str) -> int:
+    """Batch rows whose activations fit in ``max_memory`` (at least 1).
+
+    Per row, the live tensors of one block (residual, q/k/v, attention pattern, MLP hidden) plus
+    the unembedded positions: ``itemsize * (pos * (4 d_model + 3 d_mlp + n_heads pos) + 2 n_logit_pos d_vocab)``.
+    """
+    c = model.cfg
+    itemsize = torch.finfo(getattr(torch, c.dtype)).bits // 8
+    row = itemsize * (n_pos * (4 * c.d_model + 3 * c.d_mlp + c.n_heads * n_pos) + 2 * n_logit_pos * c.d_vocab)
+    return max(1, parse_bytes(max_memory) // row)
 
 
 def _run_batched(model, cells: list[Cell], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

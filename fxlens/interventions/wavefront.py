@@ -30,9 +30,10 @@ class Segments:
     Args:
         model: the :class:`~fxlens.HookedModel`.
         hooked: sites inside blocks whose hook calls the segments keep.
+        compile: wrap each segment in ``torch.compile`` (dynamic shapes: the batch grows as cells join).
     """
 
-    def __init__(self, model, hooked: frozenset[str]):
+    def __init__(self, model, hooked: frozenset[str], compile: bool = False):
         sites, n = model._sites, model.cfg.n_layers
         self.hooked = hooked
         for name in ("hook_embed", *(f"blocks.{L}.hook_{w}" for L in range(n) for w in ("resid_pre", "resid_post"))):
@@ -42,6 +43,9 @@ class Segments:
         self.blocks = [self._cut(model, gm, sites[f"blocks.{L}.hook_resid_pre"].node,
                                  sites[f"blocks.{L}.hook_resid_post"].node, L) for L in range(n)]
         self.head = self._cut(model, gm, sites[f"blocks.{n - 1}.hook_resid_post"].node, None, None)
+        if compile:
+            self.blocks = [torch.compile(b, dynamic=True) for b in self.blocks]
+            self.head = torch.compile(self.head, dynamic=True)
 
     @staticmethod
     def _cut(model, gm: fx.GraphModule, start: str, end: str | None, layer: int | None) -> fx.GraphModule:

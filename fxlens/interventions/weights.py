@@ -287,7 +287,8 @@ class WeightsMixin:
         """Effective ``(w, b)`` of the final norm: ``ln_final.hook_normalized == x_hat * w + b``."""
         if self.family.ln_final is None:
             raise AttributeError("this model has no final norm")
-        return norm_affine(self._module(self.family.ln_final), self.cfg.d_model, self.cfg.normalization_type == "LN")
+        centre = self.cfg.normalization_type.startswith("LN")
+        return norm_affine(self._module(self.family.ln_final), self.cfg.d_model, centre)
 
     # -- circuits -------------------------------------------------------------------------
     @property

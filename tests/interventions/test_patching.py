@@ -105,3 +105,39 @@ def test_errors_are_loud():
         P.get_act_patch_resid_pre(m, corrupted, cache, lambda lg: lg[:, -1, 0], progress=False)
     with pytest.raises(ValueError, match="schedule"):
         P.get_act_patch_resid_pre(m, corrupted, cache, metric, schedule="fast", progress=False)
+
+
+def test_max_memory_chunks_the_sweep_and_keeps_results(monkeypatch):
+    m, corrupted, cache = _setup("llama")
+    c = m.cfg
+    row = 4 * (6 * (4 * c.d_model + 3 * c.d_mlp + c.n_heads * 6) + 2 * 1 * c.d_vocab)
+    assert P.rows_for_memory(m, 6, 1, 10 * row) == 10
+    assert P.rows_for_memory(m, 6, 1, 1) == 1
+    assert P.parse_bytes("2MB") == 2_000_000 and P.parse_bytes("1.5 KiB") == 1536 and P.parse_bytes(7) == 7
+    with pytest.raises(ValueError, match="memory size"):
+        P.parse_bytes("lots")
+    calls = []
+    real = P.run_wavefront
+    monkeypatch.setattr(P, "run_wavefront", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    ref = P.get_act_patch_resid_pre(m, corrupted, cache, metric, logits_at=-1, progress=False)
+    n_default = len(calls)
+    calls.clear()
+    got = P.get_act_patch_resid_pre(m, corrupted, cache, metric, logits_at=-1, progress=False,
+                                    max_memory=4 * corrupted.shape[0] * row)
+    assert max(calls) == 4 and len(calls) > n_default  # 8 rows fit: 4 cells of batch 2 per forward
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_compile_with_batched_schedule_needs_a_compiled_model():
+    m, corrupted, cache = _setup("llama")
+    with pytest.raises(ValueError, match="load the model with compile=True"):
+        P.get_act_patch_resid_pre(m, corrupted, cache, metric, schedule="batched", compile=True, progress=False)
+
+
+@pytest.mark.slow
+def test_compiled_wavefront_matches_the_loop():
+    m, corrupted, cache = _setup("llama")
+    ref = P.get_act_patch_attn_out(m, corrupted, cache, metric, schedule="loop", progress=False)
+    got = P.get_act_patch_attn_out(m, corrupted, cache, metric, schedule="wavefront", compile=True,
+                                   logits_at=-1, progress=False)
+    assert (got - ref).abs().max().item() <= 1e-4

@@ -58,3 +58,15 @@ def test_greedy_generation_equals_hf(smol):
     ref = m.hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                               pad_token_id=m.tokenizer.eos_token_id)
     assert torch.equal(ours, ref)
+
+
+def test_processed_weights_keep_the_ioi_logit_difference(smol):
+    m = smol
+    p = m.process_weights()  # fold RMSNorm weights (tied embeddings untied), centre the unembedding
+    clean = m.to_tokens(CLEAN)
+    mary, john = m.to_single_token(" Mary"), m.to_single_token(" John")
+    a, b = m(clean), p(clean)
+    torch.testing.assert_close(b.log_softmax(-1), a.log_softmax(-1), atol=1e-3, rtol=0)
+    d_a, d_b = a[0, -1, mary] - a[0, -1, john], b[0, -1, mary] - b[0, -1, john]
+    assert abs(d_a - d_b) < 1e-3 and d_a > 5
+    assert p.W_U.mean(-1).abs().max() < 1e-5 and p.cfg.normalization_type == "RMSPre"
