@@ -14,14 +14,15 @@ import argparse
 import sys
 
 
-def _load(model: str, dtype: str = "float32", device: str = "cpu"):
+def _load(model: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
     import torch
 
     import fxlens
 
     if model.startswith("offline:"):
         model = fxlens.offline_model_path(model.split(":", 1)[1])
-    return fxlens.from_pretrained(model, dtype=getattr(torch, dtype), device=device)
+    kw = {"device_map": device_map} if device_map else {}
+    return fxlens.from_pretrained(model, dtype=getattr(torch, dtype), device=device, **kw)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

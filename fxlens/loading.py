@@ -31,6 +31,11 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     and site table are stored on disk by model structure and reused by later calls.
     """
     hf_model.eval()
+    offloaded = [n for n, p in hf_model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"{len(offloaded)} parameters (e.g. {offloaded[0]}) are offloaded (meta device, loaded "
+                         "per forward by accelerate): fxlens captures the model once and needs every weight on a "
+                         "device. Use a device_map over GPUs and 'cpu' without 'disk'.")
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
     family = RULES.get(config.model_type)
     use_cache = graph_cache and os.environ.get("FXLENS_GRAPH_CACHE", "1") != "0"
@@ -85,12 +90,16 @@ def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:
 
 
 def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    compile: bool = False, gguf_file: str | None = None, **hf_kwargs) -> HookedModel:
+                    compile: bool = False, gguf_file: str | None = None, fold_ln: bool = False,
+                    center_writing_weights: bool = False, center_unembed: bool = False, **hf_kwargs) -> HookedModel:
     """Load an HF checkpoint (hub name, local folder or GGUF file) and trace it.
 
     GGUF checkpoints are dequantised once and cached as safetensors under
     ``$FXLENS_CACHE`` (default ``~/.cache/fxlens``); later loads read the cache.
     Causal LMs load with ``AutoModelForCausalLM``, encoders (BERT) with ``AutoModel``.
+    ``fold_ln`` / ``center_writing_weights`` / ``center_unembed`` apply TransformerLens' weight
+    processing (:meth:`HookedModel.process_weights`; off by default, unlike TransformerLens, so
+    logits equal the HF model's).
     """
     import transformers
 
@@ -106,9 +115,15 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
         "bert", "roberta")
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     hf_kwargs.setdefault("attn_implementation", "sdpa")
-    model = auto.from_pretrained(path, dtype=dtype, **hf_kwargs).to(device)
+    model = auto.from_pretrained(path, dtype=dtype, **hf_kwargs)
+    if hf_kwargs.get("device_map") is None:  # with a device_map, accelerate has placed the layers
+        model = model.to(device)
     tokenizer = _tokenizer(path, tok_kwargs)
-    return trace(model, tokenizer, compile=compile)
+    traced = trace(model, tokenizer, compile=compile)
+    if fold_ln or center_writing_weights or center_unembed:
+        traced = traced.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                        center_unembed=center_unembed)
+    return traced
 
 
 def _tokenizer(path: str, kwargs: dict):

@@ -51,6 +51,7 @@ def _common(p: argparse.ArgumentParser, text_help: str) -> None:
     p.add_argument("--max-chunks", type=int, default=None, help="use only N chunks, evenly spaced over the text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each rank's own GPU)")
+    p.add_argument("--device-map", default=None, help="HF device_map (e.g. auto: layers spread over the GPUs)")
 
 
 def add_lens(sub) -> None:
@@ -85,6 +86,7 @@ def add_lens(sub) -> None:
     p.add_argument("--layer-stride", type=int, default=1, help="show every k-th layer in the heatmap")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None, help="HF device_map (e.g. auto: layers spread over the GPUs)")
     p.set_defaults(func=cmd_plot)
 
 
@@ -96,7 +98,7 @@ def _load_model(args):
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return _load(args.model, args.dtype, device)
+    return _load(args.model, args.dtype, device, args.device_map)
 
 
 def cmd_train(args) -> int:

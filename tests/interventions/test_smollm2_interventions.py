@@ -62,7 +62,8 @@ def test_greedy_generation_equals_hf(smol):
 
 def test_processed_weights_keep_the_ioi_logit_difference(smol):
     m = smol
-    p = m.process_weights()  # fold RMSNorm weights (tied embeddings untied), centre the unembedding
+    # fold RMSNorm weights (tied embeddings untied), centre the unembedding, as TL's from_pretrained does
+    p = fxlens.from_pretrained(fxlens.offline_model_path("smollm2"), fold_ln=True, center_unembed=True)
     clean = m.to_tokens(CLEAN)
     mary, john = m.to_single_token(" Mary"), m.to_single_token(" John")
     a, b = m(clean), p(clean)

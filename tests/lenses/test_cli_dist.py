@@ -52,6 +52,44 @@ def test_cli_train_eval_plot(tiny, tmp_path, capsys):
                  "--lens", str(out), "--prompt", "the man walked to the garden"]) == 0
     names = {p.name for p in plots.iterdir()}
     assert {"bits_per_byte.png", "kl.png", "trajectory_logit_lens.png", "trajectory_tuned_lens.png"} <= names
+    # plotly is in the lens extra: the interactive versions are written too
+    assert {"bits_per_byte.html", "trajectory_logit_lens.html", "trajectory_tuned_lens.html"} <= names
+    html = (plots / "trajectory_tuned_lens.html").read_text()
+    assert "plotly" in html and '"type":"heatmap"' in html.replace(" ", "")
+
+
+def test_plot_without_plotly_writes_png_only(tiny, tmp_path, monkeypatch):
+    from fxlens.lenses import plots as P
+
+    def missing():
+        raise ImportError("interactive plots need plotly: pip install plotly")
+
+    monkeypatch.setattr(P, "_plotly", missing)
+    model_dir, _, _ = tiny
+    out = tmp_path / "plots"
+    assert main(["lens", "plot", "--out", str(out), "--model", str(model_dir), "--prompt", "the man walked"]) == 0
+    assert {p.suffix for p in out.iterdir()} == {".png"}
+    with pytest.raises(ImportError, match="pip install plotly"):
+        P.metric_html(None, tmp_path / "x.html")
+
+
+def test_device_map_loading_and_training(tiny, tmp_path, capsys):
+    """A model loaded with an HF ``device_map`` (accelerate placement) traces, matches, and trains a lens."""
+    model_dir, text, _ = tiny
+    plain = fxlens.from_pretrained(str(model_dir))
+    ids = torch.randint(0, plain.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "cpu",
+          "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    for device_map in ("auto", dm):
+        mapped = fxlens.from_pretrained(str(model_dir), device_map=device_map)
+        torch.testing.assert_close(mapped(ids), plain(ids), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="offloaded"):  # disk offload: weights are not materialised
+        fxlens.from_pretrained(str(model_dir), device_map={**dm, "model.layers.1": "disk"},
+                               offload_folder=str(tmp_path / "offload"))
+    out = tmp_path / "lens"
+    assert main(["lens", "train", "--model", str(model_dir), "--text", str(text), "--out", str(out),
+                 "--device-map", "auto", *TRAIN]) == 0
+    assert "4 steps run" in capsys.readouterr().out
 
 
 def test_cli_errors(tmp_path):
