@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +132,42 @@ def test_torchrun_two_processes_match_single_process(tiny, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 4
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_identical_to_an_uninterrupted_run(tiny, tmp_path):
+    """A training process killed with SIGKILL mid-run, resumed with --resume, gives the uninterrupted lens."""
+    from safetensors.torch import load_file
+
+    model_dir, text, _ = tiny
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--seq-len", "16", "--steps", "40", "--batch-size", "4", "--micro-batch", "2", "--checkpoint-every", "3",
+            "--no-progress"]
+
+    def cmd(out):
+        return [sys.executable, "-m", "fxlens.cli", "lens", "train", "--model", str(model_dir), "--text", str(text),
+                "--out", str(out), *args]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, t0 = killed / "checkpoint.pt", time.monotonic()
+    while not ckpt.exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() - t0 < 240, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 3 <= step < 40 and not (killed / "params.safetensors").exists()
+
+    resumed = subprocess.run([*cmd(killed), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{40 - step} steps run" in resumed.stdout
+    whole = tmp_path / "whole"
+    ref = subprocess.run(cmd(whole), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = load_file(killed / "params.safetensors"), load_file(whole / "params.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert max(float(v.abs().max()) for v in a.values()) > 1e-4  # it trained
