@@ -55,6 +55,10 @@ def plot_metric(ev: LensEval, path: str | Path, metric: str = "bits_per_byte", *
     ax.set_title(title or f"{_METRICS[metric]} per layer ({ev.n_tokens} tokens)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,12 +93,7 @@ def plot_trajectory(traj: PredictionTrajectory, path: str | Path, value: str = "
     units = {"entropy": "entropy (bits)", "top_probs": "top-token probability", "kl_to_final": "KL to final (bits)"}
     fig.colorbar(im, ax=ax, label=units.get(value, value))
     ax.set_title(title or f"{traj.lens_name or 'lens'}: top next token per layer")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def trajectory_html(traj: PredictionTrajectory, path: str | Path, value: str = "entropy") -> Path:
