@@ -2,6 +2,7 @@
 
     fxlens sites MODEL [--filter TEXT] [--block L]   the hook site table of a model
     fxlens lens train|eval|plot --model M --text T --out DIR   tuned / logit lenses
+    fxlens explore --model MODEL [--port 8501] [--lens DIR]    local web app (Streamlit) on 127.0.0.1
 
 MODEL is a hub name, a local HF folder, a ``.gguf`` file, or ``offline:smollm2`` /
 ``offline:minilm`` for the models shipped by the offline packages. Subcommands are
@@ -76,7 +77,14 @@ def _add_lens(sub) -> None:
     add_lens(sub)
 
 
-_COMMANDS = (_add_sites, _add_lens)
+# -- explore --------------------------------------------------------------------------------
+def _add_explore(sub) -> None:
+    from .explorer.launch import add_explore
+
+    add_explore(sub)
+
+
+_COMMANDS = (_add_sites, _add_lens, _add_explore)
 
 
 def build_parser() -> argparse.ArgumentParser:

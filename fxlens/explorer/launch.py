@@ -1,0 +1,47 @@
+"""``fxlens explore --model MODEL``: start the explorer's Streamlit server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+APP = Path(__file__).with_name("app.py")
+
+
+def add_explore(sub) -> None:
+    """Register ``fxlens explore``."""
+    p = sub.add_parser("explore", help="local web app: attention, DLA, OV/QK circuits, head ablation, lenses",
+                       description="Start the fxlens explorer (Streamlit) on 127.0.0.1 and print its URL. Pages: "
+                                   "attention patterns, direct logit attribution, OV/QK circuits, head ablation "
+                                   "browser, logit / tuned lens (also just before a chosen head).")
+    p.add_argument("--model", required=True,
+                   help="hub name, local folder, .gguf file, or offline:smollm2 (the shipped SmolLM2-135M)")
+    p.add_argument("--lens", default=None, help="tuned lens folder for the lens page (default: logit lens)")
+    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default: 8501)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--open-browser", action="store_true", help="open a browser tab (default: just print the URL)")
+    p.set_defaults(func=cmd_explore)
+
+
+def streamlit_command(args: argparse.Namespace) -> list[str]:
+    """The ``python -m streamlit run`` command line for ``args``."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
+           "--server.port", str(args.port), "--server.headless", "false" if args.open_browser else "true",
+           "--browser.gatherUsageStats", "false", "--", "--model", args.model, "--dtype", args.dtype,
+           "--device", args.device]
+    return cmd + (["--lens", args.lens] if args.lens else [])
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    for pkg in ("streamlit", "plotly", "pandas"):
+        if importlib.util.find_spec(pkg) is None:
+            raise SystemExit(f"fxlens explore needs {pkg}: pip install 'fxlens[explore]' (streamlit, plotly)")
+    print(f"fxlens explorer for {args.model}: http://127.0.0.1:{args.port} (Ctrl+C stops it)", flush=True)
+    try:
+        return subprocess.call(streamlit_command(args))
+    except KeyboardInterrupt:
+        return 0
