@@ -9,8 +9,9 @@ examples are ranked by their mean change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,64 +61,101 @@ class AblationResult:
     examples: list[ExampleLoss]
 
 
-def _batches(model, texts: Sequence[str], batch_size: int, max_tokens: int):
+def _batch_ids(model, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     limit = min(x for x in (model.cfg.n_ctx, max_tokens) if x)
-    for i in range(0, len(texts), batch_size):
-        chunk = list(texts[i:i + batch_size])
-        ids = model.to_tokens(chunk)
-        mask = model.last_attention_mask
-        yield chunk, ids[:, :limit], mask[:, :limit]
+    ids = model.to_tokens(list(texts))
+    return ids[:, :limit], model.last_attention_mask[:, :limit]
+
+
+@dataclass
+class BatchLoss:
+    """Per-token losses ``[batch, pos - 1]`` (NaN on padding), top-1 ids, lengths, and the head's summed
+    ``hook_z`` over the batch's tokens (for mean ablation)."""
+
+    ids: torch.Tensor
+    lengths: list[int]
+    loss: torch.Tensor
+    top: torch.Tensor
+    z_sum: torch.Tensor | None = None
+    n_tok: int = 0
 
 
 @torch.no_grad()
+def clean_batch(model, texts: Sequence[str], layer: int, head: int, max_tokens: int = 128) -> BatchLoss:
+    """One clean forward of ``texts`` (padded): losses, top-1 predictions and the head's ``hook_z`` sum."""
+    site = f"blocks.{layer}.attn.hook_z"
+    ids, mask = _batch_ids(model, texts, max_tokens)
+    logits, cache = model.run_with_cache(ids, names_filter=[site], attention_mask=mask)
+    z = cache[site][:, :, head].float()
+    return BatchLoss(ids.cpu(), mask.sum(1).tolist(), per_token_loss(logits, ids, mask).cpu(),
+                     logits[:, :-1].argmax(-1).cpu(), (z * mask[..., None]).sum((0, 1)).cpu(), int(mask.sum()))
+
+
+@torch.no_grad()
+def ablated_batch(model, texts: Sequence[str], layer: int, head: int, kind: str | Patch = "zero",
+                  mean: Sequence[float] | None = None, max_tokens: int = 128) -> BatchLoss:
+    """The same batch with the head ablated: ``kind`` ``"zero"``, ``"mean"`` (writes ``mean``, the head's
+    ``[d_head]`` mean ``hook_z``) or any patch for ``blocks.{layer}.attn.hook_z``."""
+    ids, mask = _batch_ids(model, texts, max_tokens)
+    if isinstance(kind, Patch):
+        patch = kind
+    elif kind == "zero":
+        patch = ZeroPatch(head=head)
+    elif kind == "mean":
+        if mean is None:
+            raise ValueError("mean ablation needs the head's mean hook_z (mean=)")
+        ref = torch.zeros(1, 1, model.cfg.n_heads, model.cfg.d_head)
+        ref[0, 0, head] = torch.tensor(list(mean))
+        patch = MeanPatch(reference=ref, head=head)
+    else:
+        raise ValueError(f"kind must be one of {KINDS} or a Patch, not {kind!r}")
+    with model.patch({f"blocks.{layer}.attn.hook_z": patch}):
+        logits = model(ids, attention_mask=mask)
+    return BatchLoss(ids.cpu(), mask.sum(1).tolist(), per_token_loss(logits, ids, mask).cpu(),
+                     logits[:, :-1].argmax(-1).cpu())
+
+
+Runner = Callable[..., Any]
+
+
 def ablate_head(model, texts: Sequence[str], layer: int, head: int, kind: str | Patch = "zero",
-                batch_size: int = 8, max_tokens: int = 128, progress: Progress | None = None) -> AblationResult:
+                batch_size: int = 8, max_tokens: int = 128, progress: Progress | None = None,
+                runner: Runner | None = None) -> AblationResult:
     """Per-token loss of each text with head ``(layer, head)`` intact and ablated, ranked by mean change.
 
     ``kind``: ``"zero"``, ``"mean"`` (the head's mean ``hook_z`` over all non-padding tokens of
     ``texts``), or any patch for ``blocks.{layer}.attn.hook_z`` (applied to each batch as given).
-    Texts are cut to ``max_tokens`` (and the model's context).
+    Texts are cut to ``max_tokens`` (and the model's context). ``runner(fn, *args)`` runs each
+    batch's ``fn(model, *args)`` (default: directly; the app passes its cache).
     """
     check_head(model, layer, head)
+    if not isinstance(kind, Patch) and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or a Patch, not {kind!r}")
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError("no example texts: give at least one non-empty text")
-    site = f"blocks.{layer}.attn.hook_z"
-    batches = list(_batches(model, texts, batch_size, max_tokens))
-    steps = 2 * len(batches)
-    clean_runs, z_sum, n_tok = [], 0.0, 0
-    for b, (chunk, ids, mask) in enumerate(batches):
-        logits, cache = model.run_with_cache(ids, names_filter=[site], attention_mask=mask)
-        z = cache[site][:, :, head]
-        z_sum = z_sum + (z * mask[..., None]).sum((0, 1))
-        n_tok += int(mask.sum())
-        clean_runs.append((per_token_loss(logits, ids, mask).cpu(), logits[:, :-1].argmax(-1).cpu()))
+    run = runner or (lambda fn, *args: fn(model, *args))
+    chunks = [tuple(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    steps = 2 * len(chunks)
+    clean = []
+    for b, chunk in enumerate(chunks):
+        clean.append(run(clean_batch, chunk, layer, head, max_tokens))
         if progress:
-            progress((b + 1) / steps, f"clean batch {b + 1}/{len(batches)}")
-    if isinstance(kind, Patch):
-        patch, label = kind, type(kind).__name__
-    elif kind == "zero":
-        patch, label = ZeroPatch(head=head), "zero"
-    elif kind == "mean":
-        ref = torch.zeros(1, 1, model.cfg.n_heads, model.cfg.d_head, dtype=z.dtype, device=z.device)
-        ref[0, 0, head] = z_sum / max(n_tok, 1)
-        patch, label = MeanPatch(reference=ref, head=head), "mean"
-    else:
-        raise ValueError(f"kind must be one of {KINDS} or a Patch, not {kind!r}")
+            progress((b + 1) / steps, f"clean batch {b + 1}/{len(chunks)}")
+    mean = None
+    if kind == "mean":
+        mean = tuple((sum(c.z_sum for c in clean) / max(1, sum(c.n_tok for c in clean))).tolist())
     out = []
-    with model.patch({site: patch}):
-        for b, ((chunk, ids, mask), (clean, clean_top)) in enumerate(zip(batches, clean_runs)):
-            logits = model(ids, attention_mask=mask)
-            ablated, abl_top = per_token_loss(logits, ids, mask).cpu(), logits[:, :-1].argmax(-1).cpu()
-            for r, text in enumerate(chunk):
-                n = int(mask[r].sum())
-                toks = str_tokens(model, ids[r, :n])
-                out.append(ExampleLoss(text, toks, clean[r, :n - 1], ablated[r, :n - 1],
-                                       str_tokens(model, clean_top[r, :n - 1]), str_tokens(model, abl_top[r, :n - 1])))
-            if progress:
-                progress((len(batches) + b + 1) / steps, f"ablated batch {b + 1}/{len(batches)}")
+    for b, (chunk, c) in enumerate(zip(chunks, clean)):
+        a = run(ablated_batch, chunk, layer, head, kind, mean, max_tokens)
+        for r, text in enumerate(chunk):
+            n = c.lengths[r]
+            out.append(ExampleLoss(text, str_tokens(model, c.ids[r, :n]), c.loss[r, :n - 1], a.loss[r, :n - 1],
+                                   str_tokens(model, c.top[r, :n - 1]), str_tokens(model, a.top[r, :n - 1])))
+        if progress:
+            progress((len(chunks) + b + 1) / steps, f"ablated batch {b + 1}/{len(chunks)}")
     out.sort(key=lambda e: -e.mean_delta if e.delta.numel() else 0.0)
-    return AblationResult(layer, head, label, out)
+    return AblationResult(layer, head, kind if isinstance(kind, str) else type(kind).__name__, out)
 
 
 def render(ctx: Context) -> None:
@@ -133,7 +171,7 @@ def render(ctx: Context) -> None:
         t.replace("\n", "\\n") for t in EXAMPLES), height=160, key="abl_texts")
     examples = tuple(t.replace("\\n", "\n") for t in texts.splitlines() if t.strip())
     report, clear = progress_bar(f"ablating L{ctx.layer}H{ctx.head} on {len(examples)} examples")
-    res: AblationResult = ctx.run(ablate_head, examples, ctx.layer, ctx.head, kind, progress=report)
+    res = ablate_head(ctx.model, examples, ctx.layer, ctx.head, kind, progress=report, runner=ctx.run)
     clear()
     st.dataframe(pd.DataFrame({
         "example": [e.text[:80].replace("\n", "↵") for e in res.examples],

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fxlens.explorer import ablation, attention, circuits, dla, lens_view
 from fxlens.explorer.common import DEFAULT_PROMPT, LENS_ENV, MODEL_ENV, Context, env_default, load_model, show_error
+
+APP_PATH = Path(__file__)
 
 #: URL name -> (title, render function)
 PAGES = {
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     """Build the app: sidebar (model, page, prompt, head), then the chosen page."""
     import streamlit as st
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # `streamlit run app.py -- ARGS` sets sys.argv to [app.py, ARGS]; others (AppTest) do not
+        argv = sys.argv[1:] if Path(sys.argv[0]).resolve() == APP_PATH.resolve() else []
+    args = parse_args(argv)
     st.set_page_config(page_title="fxlens explorer", layout="wide")
     side = st.sidebar
     side.title("fxlens explorer")

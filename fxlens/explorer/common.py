@@ -226,16 +226,15 @@ class Context:
     head: int
     lens_path: str | None = None
 
-    def run(self, fn: Callable, *args, progress: Progress | None = None, **kwargs):
+    def run(self, fn: Callable, *args, **kwargs):
         """``fn(model, *args, **kwargs)`` through ``st.cache_data`` keyed by model, function and arguments
-        (arguments must be plain values). ``progress`` is passed on uncached as ``progress=``."""
+        (plain values). ``fn`` must not draw anything: Streamlit replays a cached function's elements."""
         return _cached()(f"{fn.__module__}.{fn.__qualname__}", self.key, args, tuple(sorted(kwargs.items())),
-                         _fn=fn, _model=self.model, _progress=progress)
+                         _fn=fn, _model=self.model)
 
 
-def _call(name: str, key: str, args: tuple, kwargs: tuple, _fn: Callable, _model, _progress: Progress | None):
-    extra = {"progress": _progress} if _progress is not None else {}
-    return _fn(_model, *args, **dict(kwargs), **extra)
+def _call(name: str, key: str, args: tuple, kwargs: tuple, _fn: Callable, _model):
+    return _fn(_model, *args, **dict(kwargs))
 
 
 @functools.cache
