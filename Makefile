@@ -9,6 +9,8 @@
 #   make austen     Jane Austen's novels (lens demo corpus) -> $(AUSTEN)
 #   make lens-demo  train a tuned lens on SmolLM2 (five novels), evaluate on Persuasion, plot -> docs/lenses/
 #   make bench-lens tuned-lens training throughput: fxlens trainer vs a plain eager HF-hook trainer
+#   make explore    the explorer (Streamlit) on SmolLM2 at http://127.0.0.1:8501
+#   make explorer-shots  screenshot every explorer page on SmolLM2 in headless Chromium -> docs/explorer/
 
 PYTHON ?= python3
 VENV   := .venv
@@ -18,7 +20,7 @@ STAMP  := $(VENV)/.installed
 AUSTEN ?= $(or $(FXLENS_AUSTEN),/work/data/austen)
 LENS_OUT ?= /work/data/lens-smollm2
 
-.PHONY: install demo test test-slow bench docs coverage clean-venv austen lens-demo bench-lens
+.PHONY: install demo test test-slow bench docs coverage clean-venv austen lens-demo bench-lens explore explorer-shots
 
 install: $(STAMP)
 
@@ -108,3 +110,10 @@ bench-lens: install austen
 main-demo: install
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
 	$(PY) docs/main_demo.py
+
+explore: install
+	$(VENV)/bin/fxlens explore --model offline:smollm2
+
+# Needs Debian's chromium + chromium-driver (apt-get install -y chromium chromium-driver, as root).
+explorer-shots: install
+	$(PY) -m tests.explorer.browser --model offline:smollm2 --out docs/explorer

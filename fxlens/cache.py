@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -16,7 +17,8 @@ _SHORT = {
     "k_input": "blocks.{L}.hook_k_input", "v_input": "blocks.{L}.hook_v_input",
     "q": "blocks.{L}.attn.hook_q", "k": "blocks.{L}.attn.hook_k", "v": "blocks.{L}.attn.hook_v",
     "rot_q": "blocks.{L}.attn.hook_rot_q", "rot_k": "blocks.{L}.attn.hook_rot_k",
-    "z": "blocks.{L}.attn.hook_z", "attn_scores": "blocks.{L}.attn.hook_attn_scores",
+    "z": "blocks.{L}.attn.hook_z", "result": "blocks.{L}.attn.hook_result",
+    "attn_scores": "blocks.{L}.attn.hook_attn_scores",
     "scores": "blocks.{L}.attn.hook_attn_scores", "pattern": "blocks.{L}.attn.hook_pattern",
     "pre": "blocks.{L}.mlp.hook_pre", "pre_linear": "blocks.{L}.mlp.hook_pre_linear",
     "post": "blocks.{L}.mlp.hook_post",
@@ -49,12 +51,16 @@ class ActivationCache(Mapping):
     """Cached activations of one forward, keyed by site name.
 
     Index with a full name (``cache["blocks.3.hook_resid_pre"]``) or TL shorthand
-    (``cache["resid_pre", 3]``, ``cache["scale", 3, "ln1"]``).
+    (``cache["resid_pre", 3]``, ``cache["scale", 3, "ln1"]``). A cache made by ``run_with_cache``
+    knows its model, so TransformerLens' analysis methods (``accumulated_resid``, ``decompose_resid``,
+    ``stack_head_results``, ``logit_attrs``, ...) work on it; they call the functions of
+    :mod:`fxlens.interventions.analysis`.
     """
 
-    def __init__(self, data: dict[str, torch.Tensor], has_batch_dim: bool = True):
+    def __init__(self, data: dict[str, torch.Tensor], has_batch_dim: bool = True, model: Any = None):
         self._data = dict(data)
         self.has_batch_dim = has_batch_dim
+        self.model = model
 
     def _key(self, key) -> str:
         if isinstance(key, tuple):
@@ -84,7 +90,7 @@ class ActivationCache(Mapping):
 
     def to(self, device: torch.device | str) -> ActivationCache:
         """A copy with every tensor moved to ``device``."""
-        return ActivationCache({k: v.to(device) for k, v in self._data.items()}, self.has_batch_dim)
+        return ActivationCache({k: v.to(device) for k, v in self._data.items()}, self.has_batch_dim, self.model)
 
     def remove_batch_dim(self) -> ActivationCache:
         """Drop the batch dimension (batch size must be 1)."""
@@ -93,7 +99,64 @@ class ActivationCache(Mapping):
         for k, v in self._data.items():
             if v.shape[0] != 1:
                 raise ValueError(f"remove_batch_dim needs batch size 1; {k} has shape {tuple(v.shape)}")
-        return ActivationCache({k: v[0] for k, v in self._data.items()}, has_batch_dim=False)
+        return ActivationCache({k: v[0] for k, v in self._data.items()}, has_batch_dim=False, model=self.model)
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} sites: {list(self._data)[:4]}{'...' if len(self) > 4 else ''})"
+
+    # -- TransformerLens' analysis methods: the functions of fxlens.interventions.analysis ------------
+    def _analysis(self):
+        if self.model is None:
+            raise ValueError("this cache has no model attached: make it with model.run_with_cache, or call the "
+                             "fxlens.interventions.analysis functions with (cache, model)")
+        if not self.has_batch_dim:
+            raise ValueError("the analysis methods need the batch dim: run_with_cache without remove_batch_dim")
+        from .interventions import analysis
+
+        return analysis, self.model
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice=None, return_labels: bool = False):
+        """:func:`fxlens.interventions.analysis.accumulated_resid` on this cache."""
+        A, m = self._analysis()
+        return A.accumulated_resid(self, m, layer, incl_mid, apply_ln, pos_slice, return_labels)
+
+    def decompose_resid(self, layer: int | None = None, mode: str = "all", incl_embeds: bool = True,
+                        apply_ln: bool = False, pos_slice=None, return_labels: bool = False):
+        """:func:`fxlens.interventions.analysis.decompose_resid` on this cache."""
+        A, m = self._analysis()
+        return A.decompose_resid(self, m, layer, mode, incl_embeds, apply_ln, pos_slice, return_labels)
+
+    def compute_head_results(self) -> None:
+        """Add ``blocks.L.attn.hook_result`` (``[batch, pos, n_heads, d_model]``) for every layer, in place (as TL)."""
+        A, m = self._analysis()
+        self._data.update(A.compute_head_results(self, m)._data)
+
+    def stack_head_results(self, layer: int | None = None, pos_slice=None, apply_ln: bool = False,
+                           return_labels: bool = False):
+        """:func:`fxlens.interventions.analysis.stack_head_results` on this cache."""
+        A, m = self._analysis()
+        return A.stack_head_results(self, m, layer, pos_slice, apply_ln, return_labels)
+
+    def stack_neuron_results(self, layer: int | None = None, pos_slice=None, apply_ln: bool = False,
+                             return_labels: bool = False):
+        """:func:`fxlens.interventions.analysis.stack_neuron_results` on this cache."""
+        A, m = self._analysis()
+        return A.stack_neuron_results(self, m, layer, pos_slice, apply_ln, return_labels)
+
+    def get_full_resid_decomposition(self, layer: int | None = None, expand_neurons: bool = True,
+                                     apply_ln: bool = False, pos_slice=None, return_labels: bool = False):
+        """:func:`fxlens.interventions.analysis.get_full_resid_decomposition` on this cache."""
+        A, m = self._analysis()
+        return A.get_full_resid_decomposition(self, m, layer, expand_neurons, apply_ln, pos_slice, return_labels)
+
+    def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
+                          pos_slice=None) -> torch.Tensor:
+        """:func:`fxlens.interventions.analysis.apply_ln_to_stack` with this cache's norm scales."""
+        A, m = self._analysis()
+        return A.apply_ln_to_stack(residual_stack, self, m, layer, pos_slice, mlp_input)
+
+    def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None) -> torch.Tensor:
+        """:func:`fxlens.interventions.analysis.logit_attrs` with this cache's model."""
+        A, m = self._analysis()
+        return A.logit_attrs(m, residual_stack, tokens, incorrect_tokens)

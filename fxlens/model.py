@@ -169,7 +169,7 @@ class HookedModel(TokenMixin, WeightsMixin):
             names = [n for n in names if n not in late]
         req = Request(cache=tuple(names), hooks=self._registry.names(), stop_at_layer=stop)
         ids, out, vals = self._run(input, req, attention_mask)
-        cache = ActivationCache(dict(zip(names, vals)))
+        cache = ActivationCache(dict(zip(names, vals)), model=self)
         if remove_batch_dim:
             cache = cache.remove_batch_dim()
         return self._finish(ids, out, return_type, stop is not None, self._mask_for(input, attention_mask)), cache

@@ -145,35 +145,38 @@ def probes_tables(probes: list[dict]) -> list[str]:
 
 
 def chart(res: dict, path: Path) -> None:
-    """Bar chart: forward and cache-all medians relative to HF, patching sweep seconds (log scale)."""
+    """Bar chart: forward and cache-all medians relative to HF, patching sweep seconds (fxlens green)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [1, 1, 1]})
-    panels = [("forward", HF_FORWARD, "plain forward, 8×64: median / HF (sdpa)"),
-              ("cache", HF_CACHE_BASE, "cache residual + attention sites: median / HF forward"),
-              ("patching", None, "IOI resid_pre × position sweep: seconds (log)")]
+    panels = [("forward", HF_FORWARD, "1. plain forward, batch 8 × 64: median time / HF (sdpa)"),
+              ("cache", HF_CACHE_BASE, "2. cache every residual + attention site: median time / HF plain forward"),
+              ("patching", None, "3. IOI resid_pre × position patching sweep: seconds (median; loops once)")]
+    heights = [max(len(res.get(k, [])), 1) for k, _, _ in panels]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 2.2 + 0.42 * sum(heights)), gridspec_kw={"height_ratios": heights})
     for ax, (key, base, title) in zip(axes, panels):
         rows = [r for r in res.get(key, []) if stat(r, "median") is not None]
-        b = stat(find(rows, base), "median") if base and find(rows, base) else 1.0
-        vals = [stat(r, "median") / b for r in rows]
-        labels = [r["label"].replace("`", "") for r in rows]
-        colors = ["tab:green" if r["label"].startswith("fxlens") else "tab:gray" for r in rows]
-        ax.barh(labels, vals, color=colors)
+        b = stat(find(rows, base), "median") if base and find(rows, base) else None
+        fx = stat(rows[0], "median") if key == "patching" and rows else None
+        vals = [stat(r, "median") / (b or 1.0) for r in rows]
+        ax.barh([r["label"].replace("`", "") for r in rows], vals,
+                color=["tab:green" if r["label"].startswith("fxlens") else "tab:gray" for r in rows])
         ax.invert_yaxis()
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.tick_params(axis="y", labelsize=8)
         for i, v in enumerate(vals):
-            ax.text(v, i, f" {v:.2f}" if key != "patching" else f" {v:.1f} s", va="center", fontsize=7)
-        if key == "patching":
-            ax.set_xscale("log")
-        else:
+            text = f" {v:.2f}×" if key != "patching" else f" {v:.1f} s ({v / fx:.1f}× fxlens)"
+            ax.text(v, i, text, va="center", fontsize=8)
+        ax.set_xlim(0, max(vals, default=1.0) * (1.35 if key == "patching" else 1.15))
+        if key != "patching":
             ax.axvline(1.0, color="k", lw=0.6)
-    fig.suptitle(f"SmolLM2-135M on {res['meta'].get('cpu', 'CPU')}, {res['meta'].get('threads')} torch thread(s)")
+    meta = res["meta"]
+    fig.suptitle(f"SmolLM2-135M-Instruct, {meta.get('cpu', 'CPU')}, {meta.get('threads')} torch thread(s), "
+                 f"{meta.get('date', '')}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

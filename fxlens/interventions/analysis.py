@@ -125,7 +125,7 @@ def compute_head_results(cache: ActivationCache, model) -> ActivationCache:
     data = dict(cache)
     for L in range(model.cfg.n_layers):
         data[f"blocks.{L}.attn.hook_result"] = head_results(cache, model, L)
-    return ActivationCache(data, cache.has_batch_dim)
+    return ActivationCache(data, cache.has_batch_dim, cache.model)
 
 
 def stack_head_results(cache: ActivationCache, model, layer: int | None = None, pos_slice: PosSlice = None,

@@ -68,3 +68,27 @@ def test_post_norm_branches_refuse_linear_decomposition():
         A.stack_head_results(c, m)
     with pytest.raises(KeyError, match="lacks"):
         A.accumulated_resid(c.__class__({}), traced("llama"))
+
+
+def test_cache_methods_equal_the_functions_tl_style():
+    """``cache.accumulated_resid(...)`` etc., as TransformerLens users call them, give the functions' values."""
+    m, ids, logits, c = _run("llama")
+    assert c.model is m
+    close(c.accumulated_resid(incl_mid=True, apply_ln=True, pos_slice=-1),
+          A.accumulated_resid(c, m, incl_mid=True, apply_ln=True, pos_slice=-1))
+    close(c.decompose_resid(1, mode="attn"), A.decompose_resid(c, m, 1, mode="attn"))
+    close(c.stack_neuron_results(1), A.stack_neuron_results(c, m, 1))
+    stack, labels = c.get_full_resid_decomposition(apply_ln=True, pos_slice=-1, return_labels=True)
+    assert labels[-1] == "bias" and stack.shape[0] == len(labels)
+    attrs = c.logit_attrs(stack, 5, 7)
+    close(attrs.sum(0) + A.logit_bias_terms(m, 5, 7), logits[:, -1, 5] - logits[:, -1, 7])
+    heads = c.stack_head_results(layer=1, apply_ln=True, pos_slice=-1)
+    close(heads, c.apply_ln_to_stack(c.stack_head_results(layer=1, pos_slice=-1), layer=1, pos_slice=-1))
+    assert "result" not in [k.split(".")[-1] for k in c]
+    c.compute_head_results()  # in place, as in TL
+    close(c["result", 1].sum(-2) + m.b_O[1], c["attn_out", 1])
+    close(c.to("cpu").accumulated_resid(), c.accumulated_resid())
+    with pytest.raises(ValueError, match="no model attached"):
+        c.__class__(dict(c)).accumulated_resid()
+    with pytest.raises(ValueError, match="batch dim"):
+        m.run_with_cache(ids[:1], remove_batch_dim=True)[1].decompose_resid()
