@@ -10,8 +10,10 @@ checkpoint, builds the tool over it, runs the workload twice and prints one JSON
 - ``first_s`` / ``second_s``: the workload's first call (fxlens: builds and, compiled, compiles the graph)
   and a second one;
 - ``rss_loaded_mb``: resident memory after imports and the HF load (every weight read once, since
-  safetensors are memory-mapped); ``peak_rss_mb``: the process' peak resident set (``getrusage``
-  ``ru_maxrss``), both from the kernel's accounting of this process.
+  safetensors are memory-mapped); ``peak_rss_mb``: the process' peak resident set (``VmHWM`` in
+  ``/proc/self/status``), both from the kernel's accounting of this process. Not ``getrusage``'s
+  ``ru_maxrss``: Linux carries it over from the parent across fork + exec, so every probe would report
+  the benchmark driver's own peak.
 
 Loops patch ``--cells`` cells only (memory per cell does not grow with their number).
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,12 @@ TOOL_PKG = {"hf": None, "fxlens": "fxlens", "bridge": "transformer_lens.model_br
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    """This process' resident-set high-water mark (``VmHWM``, per address space, so reset by exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
 
 
 def probe(tool: str, work: str, path: str, threads: int, compile: bool, cells: int, batched: bool) -> dict:
@@ -96,7 +103,7 @@ def probe(tool: str, work: str, path: str, threads: int, compile: bool, cells: i
             t0 = time.perf_counter()
             call()
             out[key] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 

@@ -249,9 +249,9 @@ def render(res: dict, install_notes: list[str]) -> str:
         "`FXLENS_GRAPH_CACHE=0`, i.e. `torch.export` runs). *Inductor cache*: cold = empty "
         "`TORCHINDUCTOR_CACHE_DIR`, warm = the same directory again. Memory is the kernel's count for the process: "
         "RSS after imports and the HF load (every weight read once: safetensors are memory-mapped), and the "
-        "process' peak RSS (`getrusage` `ru_maxrss`); `peak − loaded` "
-        "is what the tool and workload add on top of the weights. Loops' memory is measured on a few cells (each "
-        "cell is an independent forward).",
+        "process' peak RSS (`VmHWM`; not `ru_maxrss`, which Linux carries over from the parent process); "
+        "`peak − loaded` is what the tool and workload add on top of the weights. Loops' memory is measured on a "
+        "few cells (each cell is an independent forward).",
         "",
         *probes_tables(res.get("probes", [])),
         "",

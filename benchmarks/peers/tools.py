@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -137,7 +138,22 @@ class HF:
         return sweep
 
 
-class Fxlens:
+class _TLApi:
+    """Forward and cache-all through the TransformerLens API that fxlens and the bridge share."""
+
+    model: Any
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, attention_mask=mask)
+
+    def cache(self, ids: torch.Tensor, mask: torch.Tensor):
+        from .common import cache_names
+
+        return self.model.run_with_cache(ids, names_filter=cache_names(self.model.cfg.n_layers),
+                                         attention_mask=mask)[1]
+
+
+class Fxlens(_TLApi):
     """fxlens over its own HF copy (sdpa); ``compile=True`` compiles every specialised graph."""
 
     name = "fxlens"
@@ -149,15 +165,6 @@ class Fxlens:
         self.model = fxlens.trace(hf_model if hf_model is not None else load_hf(path), tokenizer,
                                   compile=compile, graph_cache=graph_cache)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, attention_mask=mask)
-
-    def cache(self, ids: torch.Tensor, mask: torch.Tensor):
-        from .common import cache_names
-
-        return self.model.run_with_cache(ids, names_filter=cache_names(self.model.cfg.n_layers),
-                                         attention_mask=mask)[1]
-
     def patcher(self, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric, cells: Cells = None) -> Sweep:
         from fxlens.interventions import patching as P
 
@@ -168,7 +175,7 @@ class Fxlens:
         return lambda: P.get_act_patch_resid_pre(m, corrupted, clean_cache, metric, logits_at=-1, progress=False)
 
 
-class Bridge:
+class Bridge(_TLApi):
     """TransformerLens 4.3 ``TransformerBridge.boot_transformers`` over its own HF copy.
 
     The bridge swaps in its own modules and forces eager attention (to expose ``hook_pattern``).
@@ -181,15 +188,6 @@ class Bridge:
 
         hf_model = hf_model if hf_model is not None else load_hf(path)
         self.model = TransformerBridge.boot_transformers(path, hf_model=hf_model, tokenizer=tokenizer, device="cpu")
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, attention_mask=mask)
-
-    def cache(self, ids: torch.Tensor, mask: torch.Tensor):
-        from .common import cache_names
-
-        return self.model.run_with_cache(ids, names_filter=cache_names(self.model.cfg.n_layers),
-                                         attention_mask=mask)[1]
 
     def patcher(self, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric, cells: Cells = None) -> Sweep:
         import transformer_lens.patching as TP

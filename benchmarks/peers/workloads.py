@@ -89,7 +89,8 @@ def cache(tools: dict, ids: torch.Tensor, mask: torch.Tensor, repeats: int, warm
         if isinstance(out, torch.Tensor):  # the baseline returns logits
             return 0.0, "(not compared)"
         worst, site = max_abs_dict(out, ref)
-        return worst, f"{site}, whose values reach {ref[site].abs().max().item():.3g}"
+        peak = ref[site].abs().max().item()
+        return worst, f"{site}, whose values reach {peak:.3g}: relative {worst / peak:.1e}"
 
     notes = {"HF forward hooks (eager attention)": "eager copy: sdpa returns no attention pattern",
              "nnsight `.save()` (eager)": "eager copy: sdpa returns no attention pattern"}

@@ -31,7 +31,8 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
     """The ``python -m streamlit run`` command line for ``args``."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
            "--server.port", str(args.port), "--server.headless", "false" if args.open_browser else "true",
-           "--browser.gatherUsageStats", "false", "--", "--model", args.model, "--dtype", args.dtype,
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+           "--", "--model", args.model, "--dtype", args.dtype,
            "--device", args.device]
     return cmd + (["--lens", args.lens] if args.lens else [])
 
