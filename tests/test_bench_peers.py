@@ -130,3 +130,18 @@ def test_probe_tables_and_render():
     assert "**Missed targets:** no-hook forward / HF (sdpa), use_cache=False; cache-all" in text
     assert "The machine was busy (load > 1.5)" in text
     assert text.rstrip().endswith("install notes here")
+
+
+def test_probe_peak_memory_is_the_child_process_own():
+    """A probe's peak RSS must not inherit the driver's (``ru_maxrss`` does, across fork + exec)."""
+    import subprocess
+
+    from peers import probe
+
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, touched
+    parent_peak = probe._peak_rss_mb()
+    assert parent_peak >= probe._rss_mb() >= big.numel() * 4 / 2**20
+    code = "from peers.probe import _peak_rss_mb; print(_peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "benchmarks")})
+    assert float(out.stdout) < parent_peak - 300

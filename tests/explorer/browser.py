@@ -25,7 +25,8 @@ from pathlib import Path
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 #: A rendered plotly figure (its SVG layer), and the marks of a failed page.
-PLOT_CSS = '[data-testid="stPlotlyChart"] .main-svg'
+CHART_CSS = '[data-testid="stPlotlyChart"]'
+PLOT_CSS = f"{CHART_CSS} .main-svg"
 ERROR_CSS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 # The Chromium flags this closed-network machine needs (background fetches otherwise fail many at a time).
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -89,7 +90,7 @@ class Shot:
 
     page: str
     png: Path
-    plots: int
+    plots: int  # plotly charts drawn (with their SVG)
     header: str
 
 
@@ -130,8 +131,9 @@ def screenshot_pages(url: str, pages: list[str], out: Path, timeout: float = 240
             png = out / f"{page}.png"
             driver.save_screenshot(str(png))
             headers = driver.find_elements(By.CSS_SELECTOR, "h2")
-            shots.append(Shot(page, png, len(driver.find_elements(By.CSS_SELECTOR, PLOT_CSS)),
-                              headers[0].text if headers else ""))
+            charts = [c for c in driver.find_elements(By.CSS_SELECTOR, CHART_CSS)
+                      if c.find_elements(By.CSS_SELECTOR, ".main-svg")]
+            shots.append(Shot(page, png, len(charts), headers[0].text if headers else ""))
     finally:
         driver.quit()
     return shots
