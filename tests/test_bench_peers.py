@@ -88,18 +88,20 @@ def _res(fx_fwd: float, fx_cache: float, loop_s: float) -> dict:
 
 def test_targets_values_and_verdicts():
     got = {t[0]: t[1:] for t in report.targets(_res(fx_fwd=0.95, fx_cache=2.4, loop_s=33.0))}
-    assert got["no-hook forward / HF (sdpa)"] == (pytest.approx(0.95), pytest.approx(0.95), "≤ 1.00", True)
-    assert got["no-hook forward / HF (sdpa), use_cache=False"][1:] == (pytest.approx(0.95 / 0.9), "≤ 1.00", False)
-    assert got["no-hook forward, compiled / HF (sdpa)"] == (None, None, "≤ 1.00", None)
-    assert got["cache-all / HF (sdpa) plain forward"][1:] == (pytest.approx(1.2), "≤ 1.15", False)
+    assert got["no-hook forward / HF (sdpa)"] == (pytest.approx(0.95), pytest.approx(0.95), "≤ 1.00", True, None)
+    assert got["no-hook forward / HF (sdpa), use_cache=False"][1:4] == (pytest.approx(0.95 / 0.9), "≤ 1.00", False)
+    assert got["no-hook forward, compiled / HF (sdpa)"] == (None, None, "≤ 1.00", None, None)
+    assert got["cache-all / HF (sdpa) plain forward"][1:4] == (pytest.approx(1.2), "≤ 1.15", False)
     tl = got["fxlens sweep speed-up over the TransformerBridge (TL patching)"]
-    assert tl == (pytest.approx(16.5), pytest.approx(11.0), "≥ 10", True)
+    assert tl == (pytest.approx(16.5), pytest.approx(11.0), "≥ 10", True, None)
     nn = got["fxlens sweep speed-up over the nnsight loop"]  # 3.3 s on 42 of 420 cells -> 33 s
     assert nn[1] == pytest.approx(11.0) and nn[3] is True
     lines, missed = report.targets_table(_res(fx_fwd=0.95, fx_cache=2.4, loop_s=25.0))
-    assert missed == ["no-hook forward / HF (sdpa), use_cache=False", "cache-all / HF (sdpa) plain forward",
-                      "fxlens sweep speed-up over the TransformerBridge (TL patching)",
-                      "fxlens sweep speed-up over the nnsight loop"]
+    assert [x.split(" (")[0] for x in missed] == [
+        "no-hook forward / HF", "cache-all / HF", "fxlens sweep speed-up over the TransformerBridge",
+        "fxlens sweep speed-up over the nnsight loop"]
+    assert missed[0] == "no-hook forward / HF (sdpa), use_cache=False (1.056 vs ≤ 1.00)"
+    assert missed[1] == "cache-all / HF (sdpa) plain forward (1.200 vs ≤ 1.15)"
     assert "| n/a (no result) |" in lines[4]
 
 
@@ -127,9 +129,23 @@ def test_probe_tables_and_render():
     res = _res(fx_fwd=0.95, fx_cache=2.4, loop_s=33.0)
     res["probes"] = probes
     text = report.render(res, ["install notes here"])
-    assert "**Missed targets:** no-hook forward / HF (sdpa), use_cache=False; cache-all" in text
+    assert "**Missed targets:** no-hook forward / HF (sdpa), use_cache=False (1.056 vs ≤ 1.00); cache-all" in text
     assert "The machine was busy (load > 1.5)" in text
     assert text.rstrip().endswith("install notes here")
+
+
+def test_round_spread_says_when_a_miss_is_noise():
+    hf = {"label": report.HF_FORWARD, "samples": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]}
+    fx = {"label": report.FX_FORWARD, "samples": [0.96, 1.05, 0.98, 1.04, 1.06, 0.97]}
+    lo, hi = report.round_spread(fx, hf)
+    assert lo < 1.0 < hi
+    assert report.round_spread(fx, {"label": "x", "samples": [1.0]}) is None
+    res = {"forward": [hf, fx, {**hf, "label": report.HF_USE_CACHE_FALSE}], "cache": [], "patching": []}
+    _, missed = report.targets_table(res)
+    assert missed[0].startswith("no-hook forward / HF (sdpa) (1.010 vs ≤ 1.00): within this run's round-to-round")
+    fx["samples"] = [1.2] * 6
+    _, missed = report.targets_table(res)
+    assert missed[0] == "no-hook forward / HF (sdpa) (1.200 vs ≤ 1.00)"
 
 
 def test_probe_peak_memory_is_the_child_process_own():

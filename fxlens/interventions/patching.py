@@ -39,12 +39,24 @@ from .wavefront import Cell, Segments, apply_cell, run_wavefront
 Metric = Callable[[torch.Tensor], torch.Tensor | float]
 
 
+def _positions(n_pos: int, positions: Sequence[int] | None) -> list[int]:
+    """``positions`` (negative ones counted from the end) checked against ``n_pos``; ``None``: all."""
+    if positions is None:
+        return list(range(n_pos))
+    out = [p + n_pos if p < 0 else p for p in positions]
+    bad = [p for p, q in zip(positions, out) if not 0 <= q < n_pos]
+    if bad or not out or len(set(out)) != len(out):
+        raise ValueError(f"positions must be distinct indices into {n_pos} positions; got {list(positions)}")
+    return out
+
+
 def _cells(model, x_like: dict[str, torch.Tensor], sites: Sequence[str], by_pos: bool, by_head: bool,
-           patch: Patch | None, clean_cache: ActivationCache | None) -> tuple[list[Cell], tuple[int, ...]]:
+           patch: Patch | None, clean_cache: ActivationCache | None,
+           positions: Sequence[int] | None = None) -> tuple[list[Cell], tuple[int, ...]]:
     cells, shape = [], None
     for site in sites:
         x = x_like[site]
-        n_pos = x.shape[1]
+        pos = _positions(x.shape[1], positions)
         head_ax = next((i for i, d in enumerate(site_dims(site)) if d in ("n_heads", "n_kv_heads")), None)
         n_heads = x.shape[head_ax] if head_ax is not None else None
         if by_head and n_heads is None:
@@ -55,8 +67,8 @@ def _cells(model, x_like: dict[str, torch.Tensor], sites: Sequence[str], by_pos:
             op = ReplacePatch(value=clean_cache[site]).op
         else:
             op = patch.op
-        grid = [(p, h) for p in (range(n_pos) if by_pos else [None]) for h in (range(n_heads) if by_head else [None])]
-        shape = (len(sites), *((n_pos,) if by_pos else ()), *((n_heads,) if by_head else ()))
+        grid = [(p, h) for p in (pos if by_pos else [None]) for h in (range(n_heads) if by_head else [None])]
+        shape = (len(sites), *((len(pos),) if by_pos else ()), *((n_heads,) if by_head else ()))
         for p, h in grid:
             cells.append(Cell(site, region_mask(x, site, pos=p, head=h), op))
     return cells, shape
@@ -80,8 +92,9 @@ def _unchanged(cell: Cell, clean: torch.Tensor, corrupt: torch.Tensor) -> bool:
     return bool(torch.where(cell.mask, clean, corrupt).eq(corrupt).all())
 
 
-def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache | None,
-                patching_metric: Metric, sites: Sequence[str], *, by_pos: bool = True, by_head: bool = False,
+def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache | torch.Tensor | None,
+                patching_metric: Metric, sites: Sequence[str], positions: Sequence[int] | None = None, *,
+                by_pos: bool = True, by_head: bool = False,
                 patch: Patch | None = None, schedule: str = "auto", batch_size: int = 512,
                 logits_at: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
                 progress: bool = True, max_memory: int | str | None = None,
@@ -91,9 +104,12 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     Args:
         model: a :class:`~fxlens.HookedModel`.
         corrupted_tokens: ``[batch, pos]`` token ids of the corrupted run.
-        clean_cache: clean activations of every site in ``sites`` (same shapes); unused with ``patch=``.
+        clean_cache: clean activations of every site in ``sites`` (same shapes), or the clean token ids
+            (``[batch, pos]``, cached here); unused with ``patch=``.
         patching_metric: ``logits -> scalar``.
         sites: full site names, one result row each.
+        positions: with ``by_pos``, the positions to sweep (default all; negative counts from the end);
+            the result's position axis follows their order.
         by_pos: one cell per position (else the whole site at once).
         by_head: one cell per head (sites with a head dim, e.g. ``attn.hook_z``).
         patch: write ``patch.op(x)`` instead of the clean activation (ablation sweeps).
@@ -109,13 +125,19 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
             loaded with ``compile=True``; asking them for ``compile=True`` otherwise raises.
 
     Returns:
-        ``[len(sites), (pos), (n_heads)]`` metric values.
+        ``[len(sites), (len(positions)), (n_heads)]`` metric values.
     """
     ids = torch.as_tensor(corrupted_tokens, device=model.device)
     ids = ids[None] if ids.dim() == 1 else ids
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device)
     sites = list(sites)
     model.resolve(sites)
+    if positions is not None and not by_pos:
+        raise ValueError("positions= selects the positions of a by_pos sweep; by_pos=False patches whole sites")
+    if isinstance(clean_cache, torch.Tensor):
+        clean_ids = clean_cache.to(ids.device)
+        clean_cache = model.run_with_cache(clean_ids[None] if clean_ids.dim() == 1 else clean_ids,
+                                           names_filter=sites)[1]
     if schedule not in ("auto", "wavefront", "batched", "loop"):
         raise ValueError(f"schedule must be 'auto', 'wavefront', 'batched' or 'loop', not {schedule!r}")
     compile = model.compile if compile is None else compile
@@ -126,7 +148,7 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     resid_names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
     want = list(dict.fromkeys([*sites, *resid_names]))
     corrupt_logits, corrupt = model.run_with_cache(ids, names_filter=want, attention_mask=mask)
-    cells, shape = _cells(model, dict(corrupt), sites, by_pos, by_head, patch, clean_cache)
+    cells, shape = _cells(model, dict(corrupt), sites, by_pos, by_head, patch, clean_cache, positions)
     keep = torch.arange(ids.shape[1]) if logits_at is None else torch.arange(ids.shape[1])[
         torch.as_tensor([logits_at] if isinstance(logits_at, int) else list(logits_at))]
     keep = keep.to(ids.device)

@@ -141,3 +141,21 @@ def test_compiled_wavefront_matches_the_loop():
     got = P.get_act_patch_attn_out(m, corrupted, cache, metric, schedule="wavefront", compile=True,
                                    logits_at=-1, progress=False)
     assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_positions_subset_and_clean_tokens_instead_of_a_cache():
+    m, corrupted, cache = _setup("llama")
+    sites = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out"]
+    full = P.patch_sweep(m, corrupted, cache, metric, sites, progress=False)
+    for schedule in ("loop", "wavefront", "batched"):
+        some = P.patch_sweep(m, corrupted, cache, metric, sites, [4, -1, 1], schedule=schedule, progress=False)
+        assert some.shape == (2, 3)
+        assert (some - full[:, [4, 5, 1]]).abs().max().item() <= 1e-4, schedule
+    from_tokens = P.patch_sweep(m, corrupted, tokens(2, 6, seed=2), metric, sites, progress=False)
+    assert (from_tokens - full).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="distinct indices"):
+        P.patch_sweep(m, corrupted, cache, metric, sites, [6], progress=False)
+    with pytest.raises(ValueError, match="distinct indices"):
+        P.patch_sweep(m, corrupted, cache, metric, sites, [1, -5], progress=False)
+    with pytest.raises(ValueError, match="by_pos=False"):
+        P.patch_sweep(m, corrupted, cache, metric, sites, [1], by_pos=False, progress=False)
