@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for every tool (1: on a shared 2-core machine, OpenMP spin-waiting "
                          "under load makes many-small-forward loops erratic)")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=20, help="timed rounds of the forward and cache workloads")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--patch-repeats", type=int, default=3, help="timed runs of the fxlens sweep")
     ap.add_argument("--loop-repeats", type=int, default=1, help="timed runs of each per-cell loop")
