@@ -181,7 +181,8 @@ def chart(res: dict, path: Path) -> None:
     for ax, (key, base, title) in zip(axes, panels):
         rows = [r for r in res.get(key, []) if stat(r, "median") is not None]
         b = stat(find(rows, base), "median") if base and find(rows, base) else None
-        fx = stat(rows[0], "median") if key == "patching" and rows else None
+        fx_row = find(rows, FX_SWEEP_PREFIX, prefix=True) if key == "patching" else None
+        fx = stat(fx_row, "median") if fx_row else None
         vals = [stat(r, "median") / (b or 1.0) for r in rows]
         ax.barh([r["label"].replace("`", "") for r in rows], vals,
                 color=["tab:green" if r["label"].startswith("fxlens") else "tab:gray" for r in rows])
@@ -189,7 +190,7 @@ def chart(res: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10, loc="left")
         ax.tick_params(axis="y", labelsize=8)
         for i, v in enumerate(vals):
-            text = f" {v:.2f}×" if key != "patching" else f" {v:.1f} s ({v / fx:.1f}× fxlens)"
+            text = f" {v:.2f}×" if key != "patching" else f" {v:.1f} s" + (f" ({v / fx:.1f}× fxlens)" if fx else "")
             ax.text(v, i, text, va="center", fontsize=8)
         ax.set_xlim(0, max(vals, default=1.0) * (1.35 if key == "patching" else 1.15))
         if key != "patching":

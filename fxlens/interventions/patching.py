@@ -134,10 +134,10 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     model.resolve(sites)
     if positions is not None and not by_pos:
         raise ValueError("positions= selects the positions of a by_pos sweep; by_pos=False patches whole sites")
-    if isinstance(clean_cache, torch.Tensor):
+    if isinstance(clean_cache, torch.Tensor):  # clean token ids: cache them, unless patch= makes them unused
         clean_ids = clean_cache.to(ids.device)
-        clean_cache = model.run_with_cache(clean_ids[None] if clean_ids.dim() == 1 else clean_ids,
-                                           names_filter=sites)[1]
+        clean_cache = None if patch is not None else model.run_with_cache(
+            clean_ids[None] if clean_ids.dim() == 1 else clean_ids, names_filter=sites)[1]
     if schedule not in ("auto", "wavefront", "batched", "loop"):
         raise ValueError(f"schedule must be 'auto', 'wavefront', 'batched' or 'loop', not {schedule!r}")
     compile = model.compile if compile is None else compile

@@ -153,6 +153,9 @@ def test_positions_subset_and_clean_tokens_instead_of_a_cache():
         assert (some - full[:, [4, 5, 1]]).abs().max().item() <= 1e-4, schedule
     from_tokens = P.patch_sweep(m, corrupted, tokens(2, 6, seed=2), metric, sites, progress=False)
     assert (from_tokens - full).abs().max().item() <= 1e-6
+    zero = P.patch_sweep(m, corrupted, None, metric, sites, [1], patch=ZeroPatch(), progress=False)
+    assert torch.equal(P.patch_sweep(m, corrupted, tokens(2, 6, seed=2), metric, sites, [1], patch=ZeroPatch(),
+                                     progress=False), zero)  # clean tokens are unused with patch=
     with pytest.raises(ValueError, match="distinct indices"):
         P.patch_sweep(m, corrupted, cache, metric, sites, [6], progress=False)
     with pytest.raises(ValueError, match="distinct indices"):
