@@ -246,14 +246,14 @@ full = FactoredMatrix(W_E[toks] * w_ln1, OV.A) @ FactoredMatrix(OV.B, w_final[:,
             "vs a steering vector (`AddPatch`) on the residual stream: the difference of the ` Paris` and "
             "` London` residuals at layer 10.",
             '''steer = AddPatch(vector=(paris_resid - london_resid), scale=2.0)
-model.generate(prompt, max_new_tokens=20, fwd_hooks=[("blocks.10.hook_resid_post", steer)])''')
+model.generate(prompt, max_new_tokens=20, do_sample=False, fwd_hooks=[("blocks.10.hook_resid_post", steer)])''')
     prompt = "I went on holiday to"
-    say("no hook:  " + repr(model.generate(prompt, max_new_tokens=20)))
+    say("no hook:  " + repr(model.generate(prompt, max_new_tokens=20, do_sample=False)))
     _, pc = model.run_with_cache(" Paris", names_filter="blocks.10.hook_resid_post")
     _, lc = model.run_with_cache(" London", names_filter="blocks.10.hook_resid_post")
     vector = pc["blocks.10.hook_resid_post"][0, -1] - lc["blocks.10.hook_resid_post"][0, -1]
     for scale in (1.0, 2.0):
-        steered = model.generate(prompt, max_new_tokens=20,
+        steered = model.generate(prompt, max_new_tokens=20, do_sample=False,
                                  fwd_hooks=[("blocks.10.hook_resid_post", AddPatch(vector=vector, scale=scale))])
         say(f"steered towards Paris (scale {scale}): " + repr(steered))
     end_section()

@@ -2,7 +2,7 @@
 
 from .cache import ActivationCache, act_name
 from .config import ModelConfig
-from .interventions.hooks import HookPoint
+from .hooks import HookPoint
 from .loading import from_pretrained, offline_model_path, trace
 from .model import HookedModel
 from .tracer.capture import CaptureError

@@ -21,6 +21,7 @@ from .tracer.capture import capture
 from .tracer.discover import discover
 from .tracer.families import RULES, Family
 from .tracer.locate import Shape, locate
+from .tracer.passes.positions import mask_positions
 
 
 def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_cache: bool = True) -> HookedModel:
@@ -59,8 +60,14 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
             graph_cache_mod.save(hf_model, gm, output, sites, extra)
+    if output == "logits" and not family.post_norm:  # decoders: left padding keeps positions (TL, generate)
+        mask_positions(gm, family.pos_embed)
     cfg = _model_config(hf_model, config, family, sites, extra)
-    model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0)
+    def recapture() -> HookedModel:  # the HF model changed after tracing (see fxlens.binding)
+        return trace(hf_model, tokenizer, compile=compile, graph_cache=graph_cache)
+
+    model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0,
+                        recapture=recapture)
     model.graph_from_cache = hit is not None
     return model
 

@@ -1,31 +1,51 @@
-"""``HookedModel``: the TransformerLens API over a captured, specialised HF graph."""
+"""``HookedModel``: the TransformerLens API over a captured, specialised HF graph.
+
+Every forward goes through one entry, :meth:`HookedModel.run`: it checks the input, checks the
+graph still matches the HF model (re-binding or re-capturing it if the model changed), picks
+the specialised graph for the call's signature (cached sites, hooked sites, where to stop) and
+runs it with the call's hooks (see :mod:`fxlens.hooks`). The forward, ``run_with_cache``,
+``run_with_hooks``, patching sweeps, generation, lenses and the explorer all use it.
+"""
 
 from __future__ import annotations
 
-import difflib
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .binding import fingerprint, rebind
 from .cache import ActivationCache
 from .config import ModelConfig
-from .interventions.hooks import HookFn, HookRegistry, active
+from .hook_api import HookAPIMixin, HookList, NameFilter
+from .hooks import StoreCall, calling
+from .inputs import model_inputs
 from .interventions.weights import WeightsMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
+from .tracer.graph import release_source
 from .tracer.sites import Site, layer_of, site_rank, spec
 from .tracer.specialise import Request, specialise, split_index
 
-NameFilter = str | Iterable[str] | Callable[[str], bool] | None
 _MAX_GRAPHS = 32
 _SPLIT_SUFFIXES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
-class HookedModel(TokenMixin, WeightsMixin):
+@dataclass
+class Run:
+    """The result of :meth:`HookedModel.run`: inputs as run, the output, the cached sites."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    out: torch.Tensor
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class HookedModel(HookAPIMixin, TokenMixin, WeightsMixin):
     """An HF model with TransformerLens hook sites, cache and hook API.
 
     Build one with :func:`fxlens.from_pretrained` or :func:`fxlens.trace`. The HF model
@@ -33,17 +53,30 @@ class HookedModel(TokenMixin, WeightsMixin):
     """
 
     def __init__(self, hf_model: nn.Module, tokenizer, graph: fx.GraphModule, output: str, family: Family,
-                 sites: dict[str, Site], cfg: ModelConfig, compile: bool = False, capture_seconds: float = 0.0):
-        self.hf_model, self.tokenizer, self.cfg, self.family = hf_model, tokenizer, cfg, family
-        self.output_kind, self.compile, self.capture_seconds = output, compile, capture_seconds
-        self._base, self._sites = graph, sites
-        self._graphs: OrderedDict[Request, Callable] = OrderedDict()
-        self._registry = HookRegistry()
-        self._split_index: dict | None = None
+                 sites: dict[str, Site], cfg: ModelConfig, compile: bool = False, capture_seconds: float = 0.0,
+                 recapture: Callable[[], HookedModel] | None = None):
+        from .hooks import HookStore
+
+        self.hf_model, self.tokenizer, self.compile = hf_model, tokenizer, compile
+        self.capture_seconds = capture_seconds
+        self._hooks = HookStore()
+        self._lock = threading.RLock()
+        self._recapture = recapture
         self.graph_from_cache = False  # set by trace(): graph and sites came from the disk cache
-        self.last_attention_mask: torch.Tensor | None = None
-        self.all_hook_names: list[str] = sorted(sites, key=self._site_order)
         self.use_split_inputs = False
+        self._adopt(graph, output, family, sites, cfg)
+
+    def _adopt(self, graph: fx.GraphModule, output: str, family: Family, sites: dict[str, Site],
+               cfg: ModelConfig) -> None:
+        """Take a (new) captured graph; drop everything derived from the old one."""
+        self._base, self._sites, self.output_kind, self.family, self.cfg = graph, sites, output, family, cfg
+        for old in getattr(self, "_graphs", {}).values():
+            release_source(old)
+        self._graphs: OrderedDict[Request, Callable] = OrderedDict()
+        self._memo: dict = {}
+        self._split_index: dict | None = None
+        self.all_hook_names: list[str] = sorted(sites, key=self._site_order)
+        self._bound = fingerprint(self.hf_model)
 
     def _site_order(self, name: str) -> tuple:
         return site_rank(name, self.cfg.n_layers)
@@ -67,98 +100,146 @@ class HookedModel(TokenMixin, WeightsMixin):
         """Site name -> where it sits in the graph."""
         return dict(self._sites)
 
-    # -- names ----------------------------------------------------------------
-    def resolve(self, names: NameFilter) -> list[str]:
-        """Site names selected by a name, a list of names or a predicate (``None``: all)."""
-        if names is None:
-            return list(self.hook_names)
-        if callable(names):
-            return [n for n in self.hook_names if names(n)]
-        names = [names] if isinstance(names, str) else list(names)
-        for n in names:
-            if n not in self._sites:
-                close = difflib.get_close_matches(n, self.all_hook_names, n=5, cutoff=0.5)
-                raise KeyError(f"unknown site {n!r} for this {self.cfg.family} model; closest: {close}")
-        return sorted(set(names), key=self.all_hook_names.index)
+    @property
+    def base_graph(self) -> fx.GraphModule:
+        """The captured graph (no sites exposed); checked against the HF model first."""
+        self.ensure_fresh()
+        return self._base
 
     # -- graphs ---------------------------------------------------------------
-    def _graph(self, req: Request) -> Callable:
-        fn = self._graphs.get(req)
-        if fn is None:
-            gm = self._base if req == Request() else self._specialise(req)
-            fn = torch.compile(gm, dynamic=True) if self.compile else gm
-            self._graphs[req] = fn
-            if len(self._graphs) > _MAX_GRAPHS:
-                self._graphs.popitem(last=False)
-        else:
-            self._graphs.move_to_end(req)
-        return fn
+    def ensure_fresh(self) -> None:
+        """Re-bind or re-capture the graph if the HF model changed since it was captured.
 
-    def _specialise(self, req: Request) -> fx.GraphModule:
+        Replaced tensors (same names, shapes, dtypes, devices) are re-bound; any other change
+        (shapes, dtype/device moves, module attributes or config values the graph baked in,
+        added or removed modules) re-captures the model. In-place value edits need neither.
+        """
+        with self._lock:
+            now = fingerprint(self.hf_model)
+            if now == self._bound:
+                return
+            if now.training:
+                raise RuntimeError(f"the HF model is in training mode ({now.training[0]} and others): fxlens runs "
+                                   "the eval-mode graph it captured. Call model.hf_model.eval() first.")
+            if now.structure == self._bound.structure:
+                self._adopt(rebind(self._base, self.hf_model), self.output_kind, self.family, self._sites, self.cfg)
+                return
+            if self._recapture is None:
+                raise RuntimeError("the HF model changed since it was traced and this model cannot re-capture it; "
+                                   "trace it again with fxlens.trace")
+            new = self._recapture()
+            self._adopt(new._base, new.output_kind, new.family, new._sites, new.cfg)
+            self.capture_seconds = new.capture_seconds
+
+    def graph(self, req: Request) -> Callable:
+        """The graph for ``req`` (built once, LRU-cached, compiled if the model is)."""
+        with self._lock:
+            fn = self._graphs.get(req)
+            if fn is None:
+                gm = self._base if req == Request() else self.specialised(req)
+                fn = torch.compile(gm, dynamic=True) if self.compile else gm
+                self._graphs[req] = fn
+                if len(self._graphs) > _MAX_GRAPHS:
+                    release_source(self._graphs.popitem(last=False)[1])
+            else:
+                self._graphs.move_to_end(req)
+            return fn
+
+    def specialised(self, req: Request) -> fx.GraphModule:
+        """A new (uncompiled) graph module for ``req``: ``(input_ids, attention_mask) -> (out, *cached)``."""
         split = any(n.endswith(_SPLIT_SUFFIXES) for n in (*req.cache, *req.hooks))
-        if split and self._split_index is None:
-            self._split_index = split_index(self._base, self._sites, self.cfg.n_layers)
-        return specialise(self._base, self._sites, req, self.cfg.n_layers, self.hf_model, self._split_index)
+        return specialise(self._base, self._sites, req, self.cfg.n_layers, self.hf_model,
+                          self.split_index() if split else None)
 
-    def _inputs(self, input, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(input, (str, list)) and not (isinstance(input, list) and input and isinstance(input[0], int)):
-            ids = self.to_tokens(input)
-            mask = self.last_attention_mask if attention_mask is None else attention_mask
-        else:
-            ids = torch.as_tensor(input, device=self.device)
-            ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
-            mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-        if ids.dim() != 2 or ids.numel() == 0:
-            raise ValueError(f"empty or malformed input: token tensor of shape {tuple(ids.shape)}")
-        if self.cfg.n_ctx and ids.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"input has {ids.shape[1]} tokens; this model's context is {self.cfg.n_ctx}. "
-                             "Truncate the input or split it into chunks.")
-        return ids.to(self.device), mask.to(self.device)
+    def split_index(self) -> dict:
+        """Feature index of every q/k/v head in its projection (probed once per graph)."""
+        with self._lock:
+            if self._split_index is None:
+                self._split_index = split_index(self._base, self._sites, self.cfg.n_layers)
+            return self._split_index
 
-    def _run(self, input, req: Request, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor, list]:
-        ids, mask = self._inputs(input, attention_mask)
-        if req.stop_at_layer is not None and not 0 <= req.stop_at_layer <= self.cfg.n_layers:
-            raise ValueError(f"stop_at_layer must be in [-{self.cfg.n_layers}, {self.cfg.n_layers}]")
-        with torch.no_grad(), active(self._registry):
-            out = self._graph(req)(ids, mask)
+    def memo(self, key, factory: Callable[[], object]):
+        """A value derived from the current graph, built once (dropped when the graph is rebuilt)."""
+        with self._lock:
+            if key not in self._memo:
+                if len(self._memo) >= 8:
+                    self._memo.pop(next(iter(self._memo)))
+                self._memo[key] = factory()
+            return self._memo[key]
+
+    # -- the execution entry ----------------------------------------------------
+    def run(self, input, *, names: Sequence[str] = (), fwd_hooks: HookList = (), bwd_hooks: HookList = (),
+            use_model_hooks: bool = True, stop_at_layer: int | None = None, attention_mask=None,
+            prepend_bos: bool | None = None, padding_side: str | None = None) -> Run:
+        """Run the model once: the one place every forward goes through.
+
+        Args:
+            input: text, a list of texts, or token ids ``[batch, pos]``.
+            names: sites to cache (full names, checked); values are detached.
+            fwd_hooks / bwd_hooks: hooks for this call only, added after the model's.
+            use_model_hooks: also run the hooks visible to this thread (model-wide and contexts).
+            stop_at_layer: return the residual stream entering this block instead of the output.
+            attention_mask: ``[batch, pos]`` 0/1 (text input makes its own).
+        """
+        self.ensure_fresh()
+        extra = tuple(self._hook_entries(fwd_hooks, "fwd") + self._hook_entries(bwd_hooks, "bwd"))
+        names = tuple(self.resolve(list(names)))
+        stop = self._stop(stop_at_layer)
+        ids, mask = model_inputs(self, input, attention_mask, prepend_bos, padding_side)
+        hooked = frozenset(h.site for h in ((*self._hooks.entries(), *extra) if use_model_hooks else extra))
+        with calling(StoreCall(self._hooks, hooked, extra, use_model_hooks)):
+            out = self.graph(Request(cache=names, hooks=hooked, stop_at_layer=stop))(ids, mask)
         out = out if isinstance(out, tuple) else (out,)
-        return ids, out[0], list(out[1:])
+        return Run(ids, mask, out[0], {n: v.detach() for n, v in zip(names, out[1:])})
 
     def _stop(self, stop_at_layer: int | None) -> int | None:
-        return stop_at_layer + self.cfg.n_layers if stop_at_layer is not None and stop_at_layer < 0 else stop_at_layer
+        if stop_at_layer is None:
+            return None
+        n = self.cfg.n_layers
+        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int) or not -n <= stop_at_layer <= n:
+            raise ValueError(f"stop_at_layer must be an int in [-{n}, {n}], not {stop_at_layer!r}")
+        return stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
 
-    def _finish(self, ids: torch.Tensor, out: torch.Tensor, return_type: str | None, stopped: bool,
-                mask: torch.Tensor | None = None):
+    def _finish(self, run: Run, return_type: str | None, stopped: bool, loss_per_token: bool = False):
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}")
         if return_type is None:
             return None
-        if return_type not in ("logits", "loss", "both"):
-            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}")
         if return_type == "logits" or stopped:
-            return out
+            return run.out
         if self.output_kind != "logits":
             raise ValueError("loss needs logits; this model returns hidden states (load a *ForCausalLM model)")
-        loss = lm_loss(out, ids, mask)
-        return loss if return_type == "loss" else (out, loss)
-
-    def _mask_for(self, input, attention_mask):
-        if attention_mask is not None:
-            return attention_mask
-        return self.last_attention_mask if isinstance(input, (str, list)) else None
+        loss = lm_loss(run.out, run.ids, run.mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (run.out, loss)
 
     # -- public API -----------------------------------------------------------
-    def __call__(self, input, return_type: str | None = "logits", *, attention_mask=None,
-                 stop_at_layer: int | None = None):
-        """Run the model. ``input``: string, list of strings, or token ids ``[batch, pos]``."""
-        req = Request(hooks=self._registry.names(), stop_at_layer=self._stop(stop_at_layer))
-        ids, out, _ = self._run(input, req, attention_mask)
-        return self._finish(ids, out, return_type, stop_at_layer is not None, self._mask_for(input, attention_mask))
+    def __call__(self, input, return_type: str | None = "logits", loss_per_token: bool = False, *,
+                 attention_mask=None, stop_at_layer: int | None = None, prepend_bos: bool | None = None,
+                 padding_side: str | None = None, **unsupported):
+        """Run the model. ``input``: string, list of strings, or token ids ``[batch, pos]``.
+
+        ``return_type``: ``"logits"``, ``"loss"``, ``"both"`` or ``None``; ``loss_per_token``
+        gives the loss as ``[batch, pos - 1]``.
+        """
+        _refuse(unsupported)
+        run = self.run(input, attention_mask=attention_mask, stop_at_layer=stop_at_layer, prepend_bos=prepend_bos,
+                       padding_side=padding_side)
+        return self._finish(run, return_type, stop_at_layer is not None, loss_per_token)
 
     forward = __call__
 
     def run_with_cache(self, input, names_filter: NameFilter = None, stop_at_layer: int | None = None,
                        remove_batch_dim: bool = False, return_type: str | None = "logits", *,
-                       attention_mask=None) -> tuple[torch.Tensor, ActivationCache]:
-        """Run and return ``(output, cache)``; only the sites selected by ``names_filter`` are kept."""
+                       attention_mask=None, incl_bwd: bool = False, device=None, pos_slice=None,
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, loss_per_token: bool = False,
+                       return_cache_object: bool = True, prepend_bos: bool | None = None,
+                       padding_side: str | None = None, **unsupported) -> tuple:
+        """Run and return ``(output, cache)``; only the sites selected by ``names_filter`` are kept.
+
+        ``incl_bwd=True`` also runs ``output.backward()`` (the output must be a scalar, e.g.
+        ``return_type="loss"``) and caches each site's gradient as ``name + "_grad"``.
+        """
+        _refuse(unsupported)
         stop = self._stop(stop_at_layer)
         names = self.resolve(names_filter)
         if stop is not None:
@@ -167,40 +248,35 @@ class HookedModel(TokenMixin, WeightsMixin):
             if late and not callable(names_filter) and names_filter is not None:
                 raise ValueError(f"stop_at_layer={stop_at_layer} stops before {late[:3]}")
             names = [n for n in names if n not in late]
-        req = Request(cache=tuple(names), hooks=self._registry.names(), stop_at_layer=stop)
-        ids, out, vals = self._run(input, req, attention_mask)
-        cache = ActivationCache(dict(zip(names, vals)), model=self)
+        grads: dict[str, torch.Tensor] = {}
+        bwd = [(n, lambda g, hook: grads.__setitem__(hook.name + "_grad", g.detach())) for n in names] if incl_bwd \
+            else []
+        with torch.enable_grad() if incl_bwd else _nullcontext():
+            run = self.run(input, names=names, bwd_hooks=bwd, stop_at_layer=stop_at_layer,
+                           attention_mask=attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
+            out = self._finish(run, return_type, stop is not None, loss_per_token)
+            if incl_bwd:
+                target = out[1] if isinstance(out, tuple) else out
+                if not isinstance(target, torch.Tensor) or target.numel() != 1:
+                    raise ValueError("incl_bwd=True runs output.backward(): use return_type='loss' (a scalar)")
+                target.backward()
+        data = dict(run.cache)
+        data.update({k: grads[k] for k in sorted(grads, key=lambda k: names.index(k[:-5]))})
+        if pos_slice is not None:
+            data = {k: _slice_pos(k[:-5] if k.endswith("_grad") else k, v, pos_slice) for k, v in data.items()}
+        if device is not None:
+            data = {k: v.to(device) for k, v in data.items()}
+        cache = ActivationCache(data, model=self)
         if remove_batch_dim:
             cache = cache.remove_batch_dim()
-        return self._finish(ids, out, return_type, stop is not None, self._mask_for(input, attention_mask)), cache
+        return out, (cache if return_cache_object else dict(cache.items()))
 
-    def run_with_hooks(self, input, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (),
-                       reset_hooks_end: bool = True, return_type: str | None = "logits", **kwargs):
+    def run_with_hooks(self, input, fwd_hooks: HookList = (), bwd_hooks: HookList = (),
+                       reset_hooks_end: bool = True, clear_contexts: bool = False,
+                       return_type: str | None = "logits", **kwargs):
         """Run with temporary hooks ``[(name or predicate, fn(tensor, hook))]``."""
-        with self.hooks(fwd_hooks, reset_hooks_end=reset_hooks_end):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             return self(input, return_type=return_type, **kwargs)
-
-    @contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (),
-              reset_hooks_end: bool = True) -> Iterator[HookedModel]:
-        """Context in which ``fwd_hooks`` are active."""
-        try:
-            for name, fn in fwd_hooks:
-                for site in self.resolve(name if callable(name) else [name]):
-                    self._registry.add(site, fn, temporary=reset_hooks_end)
-            yield self
-        finally:
-            if reset_hooks_end:
-                self._registry.remove_temporary()
-
-    def add_hook(self, name: str | Callable[[str], bool], fn: HookFn) -> None:
-        """Add a persistent hook (removed by :meth:`reset_hooks`)."""
-        for site in self.resolve(name if callable(name) else [name]):
-            self._registry.add(site, fn, temporary=False)
-
-    def reset_hooks(self) -> None:
-        """Remove every hook."""
-        self._registry.clear()
 
     def site_table(self) -> list[dict]:
         """One row per site: name, shape, HF module path, how it was found."""
@@ -227,17 +303,72 @@ class HookedModel(TokenMixin, WeightsMixin):
 
         return generate(self, input, max_new_tokens, fwd_hooks=fwd_hooks, **hf_kwargs)
 
+    # -- moving the model -------------------------------------------------------
+    def to(self, *args, **kwargs) -> HookedModel:
+        """Move the HF model (device and/or dtype, as ``nn.Module.to``); the graph follows on the next call."""
+        self.hf_model.to(*args, **kwargs)
+        self.ensure_fresh()
+        return self
+
+    def cpu(self) -> HookedModel:
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | None = None) -> HookedModel:
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def half(self) -> HookedModel:
+        return self.to(torch.float16)
+
+    def float(self) -> HookedModel:
+        return self.to(torch.float32)
+
+    def bfloat16(self) -> HookedModel:
+        return self.to(torch.bfloat16)
+
     def __repr__(self) -> str:
         c = self.cfg
         return (f"HookedModel({c.family}: {c.n_layers} layers, d_model={c.d_model}, heads={c.n_heads}/"
                 f"{c.n_kv_heads}, {len(self.hook_names)} sites)")
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy (positions whose target is padding are skipped)."""
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _refuse(unsupported: dict) -> None:
+    if unsupported:
+        raise TypeError(f"unsupported keyword(s) {sorted(unsupported)}: fxlens' forward takes return_type, "
+                        "loss_per_token, attention_mask, stop_at_layer, prepend_bos and padding_side")
+
+
+def _slice_pos(name: str, x: torch.Tensor, pos_slice) -> torch.Tensor:
+    from .interventions.patches import site_dims
+
+    dims = site_dims(name)
+    ax = next((i for i, d in enumerate(dims) if d in ("pos", "q_pos")), None)
+    if ax is None:
+        return x
+    sl = slice(*pos_slice) if isinstance(pos_slice, tuple) else pos_slice  # TL's Slice: an int drops the dim
+    return x[(slice(None),) * ax + (sl,)]
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None,
+            per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy: the mean (positions whose target is padding are skipped), or
+    ``[batch, pos - 1]`` per token."""
+    if ids.shape[1] < 2:
+        raise ValueError("the loss needs at least 2 tokens per row (it predicts token t+1 from token t)")
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if per_token:
+        return nll
     if mask is None:
         return nll.mean()
     m = mask[:, 1:].to(nll.dtype)
+    if m.sum() == 0:
+        raise ValueError("the attention mask leaves no target token: the loss is undefined")
     return (nll * m).sum() / m.sum()

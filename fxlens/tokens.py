@@ -28,7 +28,11 @@ class TokenMixin:
 
         ``prepend_bos=None`` keeps the tokenizer's own special-token behaviour.
         """
-        self.last_attention_mask = None
+        return self.to_tokens_and_mask(text, prepend_bos, padding_side)[0]
+
+    def to_tokens_and_mask(self, text: str | list[str], prepend_bos: bool | None = None,
+                           padding_side: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, attention_mask)``, both ``[batch, pos]`` (the mask is 0 at padding)."""
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("empty input: give at least one string")
@@ -46,8 +50,7 @@ class TokenMixin:
             sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
             ids[i, sl] = torch.tensor(r)
             mask[i, sl] = 1
-        self.last_attention_mask = mask.to(self.device)
-        return ids.to(self.device)
+        return ids.to(self.device), mask.to(self.device)
 
     def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
         """Decode ids; a 2-D tensor gives one string per row."""

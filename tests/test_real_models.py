@@ -18,8 +18,7 @@ def smol() -> fxlens.HookedModel:
 
 
 def test_smollm2_logits_equal_hf_and_ioi_answer_is_mary(smol):
-    ids = smol.to_tokens([IOI, "The capital of France is"], padding_side="left")
-    mask = smol.last_attention_mask
+    ids, mask = smol.to_tokens_and_mask([IOI, "The capital of France is"], padding_side="left")
     with torch.no_grad():
         ref = smol.hf_model(input_ids=ids, attention_mask=mask).logits
     out = smol(ids, attention_mask=mask)
@@ -52,8 +51,8 @@ def test_token_utilities(smol):
     assert smol.get_token_position(" cat", "The cat sat on the cat", mode="last") == 5
     with_bos = smol.to_tokens("The cat", prepend_bos=True)
     assert with_bos[0, 0].item() == smol.tokenizer.bos_token_id and with_bos.shape[1] == toks[:, :2].shape[1] + 1
-    padded = smol.to_tokens(["a", "a b c"], padding_side="left")
-    assert smol.last_attention_mask.tolist()[0][:2] == [0, 0]
+    padded, mask = smol.to_tokens_and_mask(["a", "a b c"], padding_side="left")
+    assert mask.tolist()[0][:2] == [0, 0]
     assert padded.shape == (2, 3)
     with pytest.raises(ValueError, match="not one"):
         smol.to_single_token(" Mary and")
@@ -65,8 +64,7 @@ def test_minilm_hidden_states_equal_hf():
     path = fxlens.offline_model_path("minilm")
     m = fxlens.from_pretrained(path)
     hf = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    ids = m.to_tokens(["fxlens instruments unmodified models", "a second sentence"])
-    mask = m.last_attention_mask
+    ids, mask = m.to_tokens_and_mask(["fxlens instruments unmodified models", "a second sentence"])
     _, cache = m.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: "ln2.hook_normalized" in n
                                 or "pattern" in n)
     with torch.no_grad():

@@ -63,8 +63,8 @@ class AblationResult:
 
 def _batch_ids(model, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     limit = min(x for x in (model.cfg.n_ctx, max_tokens) if x)
-    ids = model.to_tokens(list(texts))
-    return ids[:, :limit], model.last_attention_mask[:, :limit]
+    ids, mask = model.to_tokens_and_mask(list(texts))
+    return ids[:, :limit], mask[:, :limit]
 
 
 @dataclass

@@ -12,8 +12,7 @@ Region dims come from the site's catalogue shape: ``pos`` is the ``pos``/``q_pos
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,12 @@ def site_dims(name: str) -> list[str]:
 
 
 def region_mask(x: torch.Tensor, name: str, pos: Index = None, head: Index = None,
-                neuron: Index = None) -> torch.Tensor | None:
-    """Boolean mask broadcastable to ``x`` selecting the region; ``None`` means everywhere."""
+                neuron: Index = None, pos_offset: int = 0) -> torch.Tensor | None:
+    """Boolean mask broadcastable to ``x`` selecting the region; ``None`` means everywhere.
+
+    ``pos`` are absolute positions: with ``pos_offset`` (cached generation, where a call holds
+    positions ``pos_offset ..``) the ones outside this call select nothing.
+    """
     if pos is None and head is None and neuron is None:
         return None
     dims = site_dims(name)
@@ -45,8 +48,13 @@ def region_mask(x: torch.Tensor, name: str, pos: Index = None, head: Index = Non
         ax = axes[key]
         if ax is None:
             raise ValueError(f"{key}= needs a {key} dim; {name} has dims {dims}")
-        keep = torch.zeros(x.shape[ax], dtype=torch.bool, device=x.device)
-        keep[sel if not isinstance(sel, Sequence) else list(sel)] = True
+        if key == "pos" and pos_offset:
+            full = torch.zeros(pos_offset + x.shape[ax], dtype=torch.bool, device=x.device)
+            full[sel if not isinstance(sel, Sequence) else list(sel)] = True
+            keep = full[pos_offset:]
+        else:
+            keep = torch.zeros(x.shape[ax], dtype=torch.bool, device=x.device)
+            keep[sel if not isinstance(sel, Sequence) else list(sel)] = True
         mask = mask & keep.view([-1 if i == ax else 1 for i in range(x.dim())])
     return mask
 
@@ -71,7 +79,7 @@ class Patch:
 
     def __call__(self, x: torch.Tensor, hook) -> torch.Tensor:
         new = self.op(x, hook).to(dtype=x.dtype, device=x.device).expand_as(x)
-        mask = region_mask(x, hook.name, self.pos, self.head, self.neuron)
+        mask = region_mask(x, hook.name, self.pos, self.head, self.neuron, getattr(hook, "pos_offset", 0))
         return new.clone() if mask is None else torch.where(mask, new, x)
 
 
@@ -133,23 +141,16 @@ class ResamplePatch(Patch):
 PatchSpec = Mapping[str, "Patch | Sequence[Patch]"]
 
 
-@contextmanager
-def patch_context(model, patches: PatchSpec) -> Iterator:
+def patch_context(model, patches: PatchSpec):
     """Apply ``{site: patch or [patches]}`` for the duration of the block; contexts nest.
 
-    Names are checked before anything is applied (``KeyError`` with the closest names).
+    Names and patches are checked before anything is applied (``KeyError`` with the closest names).
+    Like every hook context, the patches are seen by this thread / context only.
     """
+    if not isinstance(patches, Mapping):
+        raise TypeError(f"patch() takes a {{site name: Patch}} mapping, not {type(patches).__name__}")
     items = [(name, p) for name, ps in patches.items() for p in (ps if isinstance(ps, Sequence) else [ps])]
-    model.resolve([name for name, _ in items])
     for name, p in items:
         if not callable(p):
             raise TypeError(f"patch for {name} must be a Patch or fn(x, hook), not {type(p).__name__}")
-    added = []
-    try:
-        for name, p in items:
-            model._registry.add(name, p, temporary=False)
-            added.append((name, p))
-        yield model
-    finally:
-        for name, p in reversed(added):
-            model._registry.remove(name, p)
+    return model.hooks(fwd_hooks=items)

@@ -25,6 +25,7 @@ them.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 
@@ -34,7 +35,9 @@ from tqdm.auto import tqdm
 from ..cache import ActivationCache
 from ..tracer.sites import layer_of
 from .patches import Patch, ReplacePatch, region_mask, site_dims
-from .wavefront import Cell, Segments, apply_cell, run_wavefront
+from .wavefront import Cell, GroupHooks, Segments, apply_cell, run_wavefront
+
+log = logging.getLogger("fxlens.patching")
 
 Metric = Callable[[torch.Tensor], torch.Tensor | float]
 
@@ -80,16 +83,42 @@ def _metric_value(metric: Metric, logits: torch.Tensor) -> float:
         if v.numel() != 1:
             raise ValueError(f"patching_metric must return a scalar; got shape {tuple(v.shape)}")
         v = v.item()
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"patching_metric must return a number or a 1-element tensor, not {type(v).__name__}")
     return float(v)
 
 
 def _unchanged(cell: Cell, clean: torch.Tensor, corrupt: torch.Tensor) -> bool:
     """Whether replacing the cell's region with the clean activation changes nothing."""
-    if clean.shape != corrupt.shape:
-        return False
     if cell.mask is None:
         return torch.equal(clean, corrupt)
     return bool(torch.where(cell.mask, clean, corrupt).eq(corrupt).all())
+
+
+def _logit_positions(n_pos: int, logits_at: int | Sequence[int] | None) -> torch.Tensor:
+    if logits_at is None:
+        return torch.arange(n_pos)
+    at = [logits_at] if isinstance(logits_at, int) else list(logits_at)
+    bad = [p for p in at if not isinstance(p, int) or not -n_pos <= p < n_pos]
+    if bad or not at:
+        raise ValueError(f"logits_at must be positions in [-{n_pos}, {n_pos}); got {logits_at!r}")
+    return torch.arange(n_pos)[torch.as_tensor(at)]
+
+
+def _clean_cache(model, clean, sites, patch, ids, mask, clean_mask):
+    """The clean activations of ``sites``, checked against the corrupted run's shapes."""
+    if patch is not None:
+        return None
+    if isinstance(clean, torch.Tensor):  # clean token ids: cache them with their own mask
+        clean_ids = clean.to(ids.device)
+        clean_ids = clean_ids[None] if clean_ids.dim() == 1 else clean_ids
+        if clean_mask is None and not bool(mask.all()):
+            raise ValueError("the corrupted run is padded (attention_mask has zeros) but no clean_attention_mask "
+                             "was given for the clean tokens: pass clean_attention_mask=")
+        clean = model.run_with_cache(clean_ids, names_filter=sites, attention_mask=clean_mask)[1]
+    if clean is None:
+        raise ValueError("give a clean cache (or clean token ids), or patch= for an ablation sweep")
+    return clean
 
 
 def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache | torch.Tensor | None,
@@ -97,9 +126,13 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
                 by_pos: bool = True, by_head: bool = False,
                 patch: Patch | None = None, schedule: str = "auto", batch_size: int = 512,
                 logits_at: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
+                clean_attention_mask: torch.Tensor | None = None,
                 progress: bool = True, max_memory: int | str | None = None,
                 compile: bool | None = None) -> torch.Tensor:
     """Patch each cell of ``sites`` (x position if ``by_pos``, x head if ``by_head``) into the corrupted run.
+
+    Every schedule honours the hooks active on the model (``add_hook``, ``with model.patch``,
+    ``with model.hooks``): each variant runs them as a one-forward-per-cell loop would, then its patch.
 
     Args:
         model: a :class:`~fxlens.HookedModel`.
@@ -114,11 +147,15 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
         by_head: one cell per head (sites with a head dim, e.g. ``attn.hook_z``).
         patch: write ``patch.op(x)`` instead of the clean activation (ablation sweeps).
         schedule: ``"auto"``, ``"wavefront"``, ``"batched"`` or ``"loop"`` (see the module docstring).
+            ``"auto"`` runs the wavefront where the graph can be cut into blocks and every site is inside
+            a block, else ``"batched"``; the schedule that ran is logged (logger ``fxlens.patching``).
         batch_size: most rows (cells x batch) per forward.
         max_memory: activation budget per forward, in bytes or as ``"2GB"`` / ``"512MiB"``; lowers
             ``batch_size`` to :func:`rows_for_memory` rows.
         logits_at: positions whose logits the metric reads (``None``: all).
         attention_mask: mask of the corrupted run (default: all ones).
+        clean_attention_mask: mask of the clean tokens, when ``clean_cache`` is token ids (required when
+            the corrupted run is padded).
         progress: show a tqdm bar.
         compile: ``torch.compile`` the wavefront's block segments (default: ``model.compile``). The
             batched and loop schedules run the model's own graphs, compiled when the model was
@@ -129,37 +166,52 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     """
     ids = torch.as_tensor(corrupted_tokens, device=model.device)
     ids = ids[None] if ids.dim() == 1 else ids
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device)
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device)
+    if isinstance(sites, str):
+        raise TypeError("sites must be a list of site names (one result row each), not a single string")
     sites = list(sites)
     model.resolve(sites)
     if positions is not None and not by_pos:
         raise ValueError("positions= selects the positions of a by_pos sweep; by_pos=False patches whole sites")
-    if isinstance(clean_cache, torch.Tensor):  # clean token ids: cache them, unless patch= makes them unused
-        clean_ids = clean_cache.to(ids.device)
-        clean_cache = None if patch is not None else model.run_with_cache(
-            clean_ids[None] if clean_ids.dim() == 1 else clean_ids, names_filter=sites)[1]
     if schedule not in ("auto", "wavefront", "batched", "loop"):
         raise ValueError(f"schedule must be 'auto', 'wavefront', 'batched' or 'loop', not {schedule!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
     compile = model.compile if compile is None else compile
     if compile and not model.compile and schedule in ("batched", "loop"):
         raise ValueError(f"compile=True with schedule={schedule!r} runs the model's own graphs: load the model "
                          "with compile=True (or use the wavefront schedule)")
-    resid_names = [f"blocks.{L}.hook_resid_pre" for L in range(model.cfg.n_layers)]
-    resid_names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    keep = _logit_positions(ids.shape[1], logits_at).to(ids.device)
+    if max_memory is not None:
+        batch_size = min(batch_size, rows_for_memory(model, ids.shape[1], len(keep), max_memory))
+    clean_cache = _clean_cache(model, clean_cache, sites, patch, ids, mask, clean_attention_mask)
+    n = model.cfg.n_layers
+    resid_names = [f"blocks.{L}.hook_resid_{w}" for L in range(n) for w in ("pre", "post")]
     want = list(dict.fromkeys([*sites, *resid_names]))
-    corrupt_logits, corrupt = model.run_with_cache(ids, names_filter=want, attention_mask=mask)
+    with torch.no_grad():
+        corrupt_logits, corrupt = model.run_with_cache(ids, names_filter=want, attention_mask=mask)
+    if patch is None:
+        for site in sites:
+            if site not in clean_cache:
+                raise KeyError(f"clean_cache has no {site}; cache it (run_with_cache names_filter) or pass patch=")
+            if tuple(clean_cache[site].shape) != tuple(corrupt[site].shape):
+                raise ValueError(f"clean {site} has shape {tuple(clean_cache[site].shape)} but the corrupted run's "
+                                 f"is {tuple(corrupt[site].shape)}: clean and corrupted inputs need the same batch "
+                                 "size and number of tokens")
     cells, shape = _cells(model, dict(corrupt), sites, by_pos, by_head, patch, clean_cache, positions)
-    keep = torch.arange(ids.shape[1]) if logits_at is None else torch.arange(ids.shape[1])[
-        torch.as_tensor([logits_at] if isinstance(logits_at, int) else list(logits_at))]
-    keep = keep.to(ids.device)
     base_value = _metric_value(patching_metric, corrupt_logits[:, keep])
     results = torch.full((len(cells),), float("nan"))
+    user: dict[str, list] = {}
+    for site, fn in model.active_hooks("fwd"):
+        user.setdefault(site, []).append(fn)
 
     if schedule == "loop":
-        for i, cell in enumerate(tqdm(cells, disable=not progress, desc="patching (loop)")):
-            logits = model.run_with_hooks(ids, fwd_hooks=[(cell.site, lambda x, hook, c=cell: apply_cell(c, x))],
-                                          attention_mask=mask)
-            results[i] = _metric_value(patching_metric, logits[:, keep])
+        log.info("patch_sweep: schedule=loop, %d cells", len(cells))
+        with torch.no_grad():
+            for i, cell in enumerate(tqdm(cells, disable=not progress, desc="patching (loop)")):
+                logits = model.run_with_hooks(ids, fwd_hooks=[(cell.site, lambda x, hook, c=cell: apply_cell(c, x))],
+                                              attention_mask=mask)
+                results[i] = _metric_value(patching_metric, logits[:, keep])
         return results.reshape(shape)
 
     todo = []
@@ -168,44 +220,40 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
             results[i] = base_value
         else:
             todo.append(i)
-    if max_memory is not None:
-        batch_size = min(batch_size, rows_for_memory(model, ids.shape[1], len(keep), max_memory))
-    wave = schedule in ("auto", "wavefront") and all(layer_of(cells[i].site) is not None for i in todo)
-    if schedule == "wavefront" and not wave:
-        raise ValueError("schedule='wavefront' needs sites inside blocks; use 'batched' for hook_embed/ln_final")
-    segments = None
-    if wave:
-        try:
-            segments = _segments(model, frozenset(cells[i].site for i in todo if not cells[i].direct), compile)
-        except ValueError:
-            if schedule == "wavefront":
-                raise
+    segments, why = None, "every cell is answered without compute" if not todo else ""
+    if todo and schedule in ("auto", "wavefront"):
+        outside = sorted({cells[i].site for i in todo if layer_of(cells[i].site) is None}
+                         | {s for s in user if layer_of(s) is None and not s.startswith("ln_final")})
+        if outside:
+            why = f"{outside} are outside the blocks"
+        else:
+            hooked = frozenset({cells[i].site for i in todo if not cells[i].direct}
+                               | {s for s in user if not s.endswith(("hook_resid_pre", "hook_resid_post"))})
+            try:
+                segments = model.memo(("segments", hooked, compile), lambda: Segments(model, hooked, compile))
+            except ValueError as e:
+                why = str(e)
+        if segments is None and schedule == "wavefront":
+            raise ValueError(f"schedule='wavefront' cannot run: {why}; use schedule='batched'")
+        if segments is None and todo:
+            log.warning("patch_sweep: schedule='auto' runs 'batched' because the wavefront cannot: %s", why)
+    ran = "wavefront" if segments is not None else "batched"
+    log.info("patch_sweep: schedule=%s, %d cells, %d computed, %d answered exactly without compute",
+             ran, len(cells), len(todo), len(cells) - len(todo))
     b = ids.shape[0]
     per_chunk = max(1, batch_size // b)
     if segments is not None:
         todo.sort(key=lambda i: cells[i].join)
-        resid = {L: corrupt[f"blocks.{L}.hook_resid_pre"] for L in range(model.cfg.n_layers)}
-        resid[model.cfg.n_layers] = corrupt[resid_names[-1]]
     chunks = [todo[j:j + per_chunk] for j in range(0, len(todo), per_chunk)]
-    for chunk in tqdm(chunks, disable=not progress, desc=f"patching ({'wavefront' if segments else 'batched'})"):
+    for chunk in tqdm(chunks, disable=not progress, desc=f"patching ({ran})"):
         group = [cells[i] for i in chunk]
         if segments is not None:
-            logits = run_wavefront(model, segments, group, ids, mask, resid, keep)
+            logits = run_wavefront(model, segments, group, ids, mask, corrupt, keep, user)
         else:
-            logits = _run_batched(model, group, ids, mask)[:, keep]
+            logits = _run_batched(model, group, ids, mask, user)[:, keep]
         for j, i in enumerate(chunk):
             results[i] = _metric_value(patching_metric, logits[j * b:(j + 1) * b])
     return results.reshape(shape)
-
-
-def _segments(model, hooked: frozenset[str], compile: bool) -> Segments:
-    store = model.__dict__.setdefault("_sweep_segments", {})
-    key = (hooked, compile)
-    if key not in store:
-        if len(store) >= 4:
-            store.pop(next(iter(store)))
-        store[key] = Segments(model, hooked, compile=compile)
-    return store[key]
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -213,12 +261,19 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2*
 
 def parse_bytes(size: int | str) -> int:
     """``2_000_000``, ``"2MB"``, ``"1.5 GiB"`` -> bytes."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_memory must be a number of bytes (int) or a string like '2GB', not {size!r}")
     if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_memory must be positive, not {size}")
         return size
     m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
     if not m or m.group(2).lower() not in _UNITS | {"": 1}:
         raise ValueError(f"cannot read a memory size from {size!r} (use bytes or e.g. '2GB', '512MiB')")
-    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+    out = int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+    if out <= 0:
+        raise ValueError(f"max_memory must be positive, not {size!r}")
+    return out
 
 
 def rows_for_memory(model, n_pos: int, n_logit_pos: int, max_memory: int | str) -> int:
@@ -233,22 +288,17 @@ def rows_for_memory(model, n_pos: int, n_logit_pos: int, max_memory: int | str) 
     return max(1, parse_bytes(max_memory) // row)
 
 
-def _run_batched(model, cells: list[Cell], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """All ``cells`` as row groups of one forward; each site's hook patches its groups only."""
-    b = ids.shape[0]
-    by_site: dict[str, list[int]] = {}
+def _run_batched(model, cells: list[Cell], ids: torch.Tensor, mask: torch.Tensor,
+                 user: dict[str, list]) -> torch.Tensor:
+    """All ``cells`` as row groups of one forward: per group, the active hooks then the cell's patch."""
+    hooks = GroupHooks(model, user, ids.shape[0])
     for g, cell in enumerate(cells):
-        by_site.setdefault(cell.site, []).append(g)
-
-    def hook(x: torch.Tensor, hook) -> torch.Tensor:
-        x = x.clone()
-        for g in by_site[hook.name]:
-            x[g * b:(g + 1) * b] = apply_cell(cells[g], x[g * b:(g + 1) * b])
-        return x
-
+        hooks.place(g, cell)
+    sites = {*user, *(c.site for c in cells)}
     n = len(cells)
-    return model.run_with_hooks(ids.repeat(n, 1), fwd_hooks=[(s, hook) for s in by_site],
-                                attention_mask=mask.repeat(n, 1))
+    with torch.no_grad():
+        return model.run(ids.repeat(n, 1), attention_mask=mask.repeat(n, 1), use_model_hooks=False,
+                         fwd_hooks=[(s, lambda x, hook: hooks.apply(hook.name, x)) for s in sites]).out
 
 
 # -- TransformerLens-named sweeps ----------------------------------------------------------

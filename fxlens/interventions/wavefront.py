@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..tracer.graph import SDPA_OPS, is_op, module_path
+from ..hooks import FixedHooks, HookFn, HookPoint, calling, check_result
+from ..tracer.graph import dead_code, module_path
 from ..tracer.sites import layer_of
 from ..tracer.specialise import Request
-from .hooks import HookPoint, HookRegistry, active
 
 
 class Segments:
@@ -34,12 +34,12 @@ class Segments:
     """
 
     def __init__(self, model, hooked: frozenset[str], compile: bool = False):
-        sites, n = model._sites, model.cfg.n_layers
+        sites, n = model.sites, model.cfg.n_layers
         self.hooked = hooked
         for name in ("hook_embed", *(f"blocks.{L}.hook_{w}" for L in range(n) for w in ("resid_pre", "resid_post"))):
             if sites[name].layout != "same":
                 raise ValueError(f"{name} is not a [batch, pos, d_model] node in this graph; use schedule='batched'")
-        gm = model._specialise(Request(hooks=hooked)) if hooked else model._base
+        gm = model.specialised(Request(hooks=hooked)) if hooked else model.base_graph
         self.blocks = [self._cut(model, gm, sites[f"blocks.{L}.hook_resid_pre"].node,
                                  sites[f"blocks.{L}.hook_resid_post"].node, L) for L in range(n)]
         self.head = self._cut(model, gm, sites[f"blocks.{n - 1}.hook_resid_post"].node, None, None)
@@ -60,7 +60,7 @@ class Segments:
         old = nodes[start]
         old.replace_all_uses_with(resid)
         g.output(target)
-        _dead_code(g)
+        dead_code(g)
         fam = model.family
         for node in g.nodes:
             path = module_path(node)
@@ -73,15 +73,6 @@ class Segments:
                                  "outside the block; use schedule='batched'")
         g.lint()
         return fx.GraphModule(gm, g)
-
-
-def _dead_code(g: fx.Graph) -> None:
-    """Dead-code elimination that also drops unused SDPA calls (fx counts them impure: dropout RNG)."""
-    for node in reversed(list(g.nodes)):
-        if node.op in ("placeholder", "output") or node.users:
-            continue
-        if not node.is_impure() or is_op(node, SDPA_OPS):
-            g.erase_node(node)
 
 
 @dataclass
@@ -110,47 +101,85 @@ def apply_cell(cell: Cell, x: torch.Tensor) -> torch.Tensor:
     return new.clone() if cell.mask is None else torch.where(cell.mask, new, x)
 
 
+class GroupHooks:
+    """Hooks applied per ``b``-row group: the model's active hooks (``user``), then each group's cell.
+
+    Every group is one variant of a ``b``-row batch, so a user hook sees exactly the tensor it sees
+    in a one-forward-per-cell loop (batch statistics included).
+    """
+
+    def __init__(self, model, user: dict[str, list[HookFn]], b: int):
+        self.model, self.user, self.b = model, user, b
+        self.cells: dict[str, list[tuple[int, Cell]]] = {}
+
+    def place(self, group: int, cell: Cell) -> None:
+        self.cells.setdefault(cell.site, []).append((group, cell))
+
+    def apply(self, site: str, x: torch.Tensor, cells: bool = True) -> torch.Tensor:
+        fns, mine = self.user.get(site, ()), self.cells.get(site, ()) if cells else ()
+        if not fns and not mine:
+            return x
+        x, b = x.clone(), self.b
+        if fns:
+            point = self.model.hook_point(site)
+            for g in range(x.shape[0] // b):
+                y = x[g * b:(g + 1) * b]
+                for fn in fns:
+                    y = check_result(fn, site, y, fn(y, hook=point))
+                x[g * b:(g + 1) * b] = y
+        for group, cell in mine:
+            sl = slice(group * b, (group + 1) * b)
+            x[sl] = apply_cell(cell, x[sl])
+        return x
+
+    def call(self, sites) -> FixedHooks:
+        """A hook call that runs :meth:`apply` at ``sites`` inside a graph."""
+        return FixedHooks({s: [lambda x, hook: self.apply(hook.name, x)] for s in sites})
+
+
 def run_wavefront(model, segments: Segments, cells: list[Cell], ids: torch.Tensor, mask: torch.Tensor,
-                  resid: dict[int, torch.Tensor], keep_pos: torch.Tensor) -> torch.Tensor:
+                  corrupt, keep_pos: torch.Tensor, user: dict[str, list[HookFn]]) -> torch.Tensor:
     """Logits ``[len(cells) * batch, len(keep_pos), vocab]`` of the patched variants, in ``cells`` order.
 
-    ``resid[k]`` is the corrupted run's residual stream entering block ``k`` (``k = n_layers``:
-    after the last block).
+    ``corrupt`` is the corrupted run's cache (every ``resid_pre`` and ``resid_post``, taken after
+    the active hooks); ``user`` the active hooks ``{site: [fn]}``, applied per variant.
     """
     b, n = ids.shape[0], model.cfg.n_layers
     order = sorted(range(len(cells)), key=lambda i: cells[i].join)
     rows: torch.Tensor | None = None
     placed: list[int] = []  # cell index of each b-row group, in batch order
-    registry = HookRegistry()
-    state: dict[str, list[tuple[int, Cell]]] = {}
+    hooks = GroupHooks(model, user, b)
+    pre, post = "blocks.{}.hook_resid_pre", "blocks.{}.hook_resid_post"
 
-    def hook(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        x = x.clone()
-        for group, cell in state.get(hook.name, ()):
-            sl = slice(group * b, (group + 1) * b)
-            x[sl] = apply_cell(cell, x[sl])
-        return x
+    def entry(cell: Cell, k: int) -> torch.Tensor:
+        if cell.site.endswith("hook_resid_post"):  # joins at k = L + 1; resid_pre k's hooks still run
+            x = apply_cell(cell, corrupt[post.format(k - 1)])
+            return hooks.apply(pre.format(k), x, cells=False) if k < n else x
+        base = corrupt[pre.format(k)]
+        return apply_cell(cell, base) if cell.direct else base
 
-    for site in segments.hooked:
-        registry.add(site, hook, temporary=False)
     start = min(c.join for c in cells)
-    with torch.no_grad(), active(registry):
+    with torch.no_grad(), calling(hooks.call(segments.hooked)):
         for k in range(start, n + 1):
             new = [i for i in order if cells[i].join == k]
             if new:  # hooks of block-k sites only run in segment k: state needs no reset
-                base = resid[k]
-                add = [apply_cell(cells[i], base) if cells[i].direct else base for i in new]
-                rows = torch.cat(([rows] if rows is not None else []) + add)
+                rows = torch.cat(([rows] if rows is not None else []) + [entry(cells[i], k) for i in new])
                 for i in new:
                     if not cells[i].direct:
-                        state.setdefault(cells[i].site, []).append((len(placed), cells[i]))
+                        hooks.place(len(placed), cells[i])
                     placed.append(i)
             if k < n:
                 groups = len(placed)
                 rows = segments.blocks[k](ids.repeat(groups, 1), mask.repeat(groups, 1), rows)
+                rows = hooks.apply(post.format(k), rows, cells=False)
+                if k + 1 < n:
+                    rows = hooks.apply(pre.format(k + 1), rows, cells=False)
         groups = len(placed)
-        logits = segments.head(ids[:, keep_pos].repeat(groups, 1), mask[:, keep_pos].repeat(groups, 1),
-                               rows[:, keep_pos])
+        if any(s.startswith("ln_final") for s in user):  # position-dependent hooks need every position
+            logits = segments.head(ids.repeat(groups, 1), mask.repeat(groups, 1), rows)[:, keep_pos]
+        else:
+            logits = segments.head(ids[:, keep_pos].repeat(groups, 1), mask[:, keep_pos].repeat(groups, 1),
+                                   rows[:, keep_pos])
     inverse = torch.empty(len(cells), dtype=torch.long)
     inverse[torch.tensor(placed)] = torch.arange(len(placed))
     return logits.unflatten(0, (len(placed), b))[inverse].flatten(0, 1)

@@ -24,7 +24,6 @@ from torch import fx, nn
 
 from ..tracer.graph import SHAPE_OPS, is_op, module_path
 from ..tracer.passes.split_inputs import probe_feature_index
-from ..tracer.specialise import split_index
 from .factored_matrix import FactoredMatrix
 
 
@@ -71,10 +70,9 @@ class WeightLayout:
 
     def __init__(self, model):
         self.model, cfg, fam = model, model.cfg, model.family
-        sites, nodes = model._sites, {n.name: n for n in model._base.graph.nodes}
-        if model._split_index is None:
-            model._split_index = split_index(model._base, sites, cfg.n_layers)
-        self.qkv = model._split_index  # "L.q" -> [heads, d_head] feature index
+        base = model.base_graph
+        sites, nodes = model.sites, {n.name: n for n in base.graph.nodes}
+        self.qkv = model.split_index()  # "L.q" -> [heads, d_head] feature index
         self.qkv_module = {f"{L}.{w}": sites[f"blocks.{L}.attn.hook_{w}"].extra["proj_module"]
                            for L in range(cfg.n_layers) for w in "qkv"}
         probes, self.mlp_module = {}, {}
@@ -85,7 +83,7 @@ class WeightLayout:
                 proj = _feeding_projection(node)
                 self.mlp_module[f"{L}.{key}"] = module_path(proj)
                 probes[f"{L}.{key}"] = (proj, node, lambda x: x.reshape(1, 1, -1))
-        self.mlp = probe_feature_index(model._base, probes)  # "L.in" -> [d_mlp]
+        self.mlp = probe_feature_index(base, probes)  # "L.in" -> [d_mlp]
 
     def module(self, path: str) -> nn.Module:
         return self.model.hf_model.get_submodule(path)
@@ -115,10 +113,8 @@ class WeightsMixin:
 
     # -- plumbing -----------------------------------------------------------------
     def _layout(self) -> WeightLayout:
-        lay = self.__dict__.get("_weight_layout")
-        if lay is None:
-            lay = self.__dict__["_weight_layout"] = WeightLayout(self)
-        return lay
+        self.ensure_fresh()
+        return self.memo("weight_layout", lambda: WeightLayout(self))
 
     def _stack(self, name: str, per_layer) -> torch.Tensor:
         """``torch.stack([per_layer(L)])``, cached on the parameters' identities and versions."""

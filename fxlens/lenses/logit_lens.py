@@ -31,7 +31,8 @@ def residual_stream(model, tokens: torch.Tensor, *, final: bool = True,
     """
     n = model.cfg.n_layers
     names = [resid_name(model, i) for i in range(n + (1 if final else 0))]
-    logits, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask)
+    with torch.no_grad():  # the model is frozen: no autograd graph through it
+        logits, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=attention_mask)
     return logits, [cache[s] for s in names]
 
 

@@ -158,3 +158,25 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
             seen.add(n)
             todo.extend(n.all_input_nodes)
     return seen
+
+
+def dead_code(g: fx.Graph) -> None:
+    """Dead-code elimination that also drops unused SDPA calls (fx counts them impure: dropout RNG)."""
+    for node in reversed(list(g.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if not node.is_impure() or is_op(node, SDPA_OPS):
+            g.erase_node(node)
+
+
+def release_source(fn: object) -> None:
+    """Forget the generated Python source of a graph module we drop (torch.fx keeps it forever)."""
+    import linecache
+
+    from torch.fx import graph_module
+
+    gm = getattr(fn, "_orig_mod", fn)  # a torch.compile wrapper holds the module
+    code = getattr(getattr(type(gm), "forward", None), "__code__", None)
+    if code is not None and isinstance(gm, fx.GraphModule):
+        graph_module._loader.eval_cache.pop(code.co_filename, None)
+        linecache.cache.pop(code.co_filename, None)

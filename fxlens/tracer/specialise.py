@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..interventions.hooks import run_hook
-from .graph import getattr_path, inside
+from ..hooks import run_hook
+from .graph import dead_code, getattr_path, inside
 from .passes.attention import expand_sdpa
 from .passes.norm_scale import expose_scale
 from .passes.split_inputs import SPLIT_SITES, build_split_inputs, probe_feature_index
@@ -148,10 +148,13 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
                 presented[name] = view
                 cache_views.add(view)
                 continue
-            hooked = hook_nodes[name] = graph.call_function(run_hook, (name, view))
+            # A scoped site (hook_mlp_in) shares its tensor with another site (hook_resid_mid): its hook
+            # gets a copy, as in TransformerLens, so an in-place edit changes only what it would return.
+            arg = graph.call_function(torch.clone, (view,)) if site.extra.get("scope") else view
+            hooked = hook_nodes[name] = graph.call_function(run_hook, (name, arg))
             back = graph.call_function(inverse, (hooked,)) if inverse else hooked
         scope = site.extra.get("scope")
-        keep = cache_views | ({view, back} if view is not x else {hooked})
+        keep = cache_views | {n for n in (view, arg, hooked, back) if n is not x}
         x.replace_all_uses_with(
             back, delete_user_cb=lambda u: u not in keep and (scope is None or inside(u, scope)))
         if scope is None:
@@ -164,15 +167,14 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
     graph.output((main, *(presented[n] for n in req.cache)))
     root = {n.target: getattr_path(base, n.target) for n in graph.nodes if n.op == "get_attr" and n.target not in attrs}
     root.update({k: (v if v is not None else modules.get_submodule(k)) for k, v in attrs.items()})
+    dead_code(graph)  # before building the module: drops later blocks' attention under stop_at_layer
+    graph.lint()
     gm = fx.GraphModule(root, graph, class_name="SpecialisedModel")
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
     alive = set(gm.graph.nodes)
     dropped = [n for n, h in hook_nodes.items() if h not in alive and not _after_stop(n, req.stop_at_layer)]
     if dropped:
         raise RuntimeError(f"hooks on {dropped} would never run: nothing reads those sites in this graph "
                            "(a site placement bug; please report it with the model type)")
-    gm.recompile()
     return gm
 
 

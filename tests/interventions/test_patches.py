@@ -84,6 +84,6 @@ def test_patch_names_are_checked_before_anything_applies():
     with pytest.raises(KeyError, match="closest"):
         with m.patch({"blocks.0.hook_mlp_out": ZeroPatch(), "blocks.0.hook_mlp_outt": ZeroPatch()}):
             pass
-    assert m._registry.names() == frozenset()
+    assert m.active_hooks() == []
     with pytest.raises(ValueError, match="head"):
         m.run_with_hooks(tokens(1, 4), fwd_hooks=[("blocks.0.hook_resid_pre", ZeroPatch(head=1))])

@@ -54,7 +54,7 @@ def test_wavefront_matches_loop_and_dla_sums(smol):
 def test_greedy_generation_equals_hf(smol):
     m = smol
     ids = m.to_tokens("The capital of France is")
-    ours = m.generate(ids, max_new_tokens=8)
+    ours = m.generate(ids, max_new_tokens=8, do_sample=False)
     ref = m.hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                               pad_token_id=m.tokenizer.eos_token_id)
     assert torch.equal(ours, ref)

@@ -22,7 +22,7 @@ DECODERS = [f for f in FAMILIES if not traced(f).family.post_norm]
 @pytest.mark.parametrize("family", DECODERS)
 def test_discovery_reproduces_every_hand_written_rule(family):
     m = traced(family)
-    found = discover(m.hf_model, m._base, m.cfg.n_layers)
+    found = discover(m.hf_model, m.base_graph, m.cfg.n_layers)
     rule = asdict(m.family)
     for key in ("name", "model_types"):
         rule.pop(key)
@@ -84,7 +84,7 @@ def test_family_without_rule_is_traced_with_correct_sites(model_type):
 def test_discovery_refuses_what_it_cannot_read():
     m = traced("bert")  # post-norm encoder: no norm feeds attention, so discovery must not guess
     with pytest.raises(DiscoveryError, match="norms feeding attention"):
-        discover(m.hf_model, m._base, m.cfg.n_layers)
+        discover(m.hf_model, m.base_graph, m.cfg.n_layers)
 
 
 def test_sites_cli_shows_discovered_table(tmp_path):
