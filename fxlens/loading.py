@@ -63,6 +63,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     if output == "logits" and not family.post_norm:  # decoders: left padding keeps positions (TL, generate)
         mask_positions(gm, family.pos_embed)
     cfg = _model_config(hf_model, config, family, sites, extra)
+
     def recapture() -> HookedModel:  # the HF model changed after tracing (see fxlens.binding)
         return trace(hf_model, tokenizer, compile=compile, graph_cache=graph_cache)
 
@@ -92,7 +93,13 @@ def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:
         normalization_type=extra["norm"],
         positional_embedding_type="rotary" if rotary else ("standard" if "hook_pos_embed" in sites else "none"),
         act_fn=getattr(config, "hidden_act", None) or getattr(config, "activation_function", None),
-        parallel_attn_mlp=family.parallel, dtype=str(param.dtype).replace("torch.", ""), device=str(param.device),
+        parallel_attn_mlp=family.parallel, dtype=param.dtype, device=str(param.device),
+        model_name=str(getattr(config, "_name_or_path", "") or config.model_type),
+        eps=next((getattr(config, k) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+                  if isinstance(getattr(config, k, None), float)), None),
+        rotary_dim=int(d_head * (getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None)
+                                 or 1.0)) if rotary else None,
+        original_architecture=type(hf_model).__name__,
     )
 
 

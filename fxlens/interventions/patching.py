@@ -283,7 +283,7 @@ def rows_for_memory(model, n_pos: int, n_logit_pos: int, max_memory: int | str) 
     the unembedded positions: ``itemsize * (pos * (4 d_model + 3 d_mlp + n_heads pos) + 2 n_logit_pos d_vocab)``.
     """
     c = model.cfg
-    itemsize = torch.finfo(getattr(torch, c.dtype)).bits // 8
+    itemsize = torch.finfo(c.dtype).bits // 8
     row = itemsize * (n_pos * (4 * c.d_model + 3 * c.d_mlp + c.n_heads * n_pos) + 2 * n_logit_pos * c.d_vocab)
     return max(1, parse_bytes(max_memory) // row)
 

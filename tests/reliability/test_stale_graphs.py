@@ -108,7 +108,7 @@ def test_bf16_captured_model_moved_to_fp32_equals_hf():
     m, ids = _fresh(dtype=torch.bfloat16), tokens(2, 6)
     m(ids)
     m.float()
-    assert m.cfg.dtype == "float32"
+    assert m.cfg.dtype == torch.float32
     assert _err(m, ids) <= 1e-5
 
 
@@ -116,7 +116,7 @@ def test_fp32_model_moved_to_bf16_runs_and_equals_hf():
     m, ids = _fresh(), tokens(2, 6)
     m(ids)
     m.to(torch.bfloat16)
-    assert m.cfg.dtype == "bfloat16" and m(ids).dtype == torch.bfloat16
+    assert m.cfg.dtype == torch.bfloat16 and m(ids).dtype == torch.bfloat16
     assert _err(m, ids) == 0.0
 
 
