@@ -2,14 +2,18 @@
 
 from .cache import ActivationCache, act_name
 from .config import ModelConfig
+from .hooked_transformer import HookedRootModule, HookedTransformer
 from .hooks import HookPoint
+from .interventions import evals, patching
+from .interventions.factored_matrix import FactoredMatrix
 from .loading import from_pretrained, offline_model_path, trace
 from .model import HookedModel
 from .tracer.capture import CaptureError
 from .tracer.locate import SiteError
 
 __all__ = [
-    "ActivationCache", "CaptureError", "HookPoint", "HookedModel", "ModelConfig", "SiteError",
-    "act_name", "from_pretrained", "offline_model_path", "trace",
+    "ActivationCache", "CaptureError", "FactoredMatrix", "HookPoint", "HookedModel", "HookedRootModule",
+    "HookedTransformer", "ModelConfig", "SiteError", "act_name", "evals", "from_pretrained", "offline_model_path",
+    "patching", "trace",
 ]
 __version__ = "0.1.0"

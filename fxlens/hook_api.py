@@ -52,7 +52,7 @@ class HookAPIMixin:
     def all_hook_names_set(self) -> frozenset[str]:
         return frozenset(self.all_hook_names)
 
-    def _hook_entries(self, hooks: HookList | None, dir: str, permanent: bool = False) -> list[Hook]:
+    def hook_entries(self, hooks: HookList | None, dir: str, permanent: bool = False) -> list[Hook]:
         """Checked :class:`Hook` entries for ``[(name or predicate, fn)]`` (raises before registering)."""
         if hooks is None:
             return []
@@ -80,7 +80,7 @@ class HookAPIMixin:
         them (outer contexts and model-wide hooks stay). With ``reset_hooks_end=False`` they are
         added model-wide instead and stay until ``reset_hooks``.
         """
-        entries = self._hook_entries(fwd_hooks, "fwd") + self._hook_entries(bwd_hooks, "bwd")
+        entries = self.hook_entries(fwd_hooks, "fwd") + self.hook_entries(bwd_hooks, "bwd")
         try:
             if reset_hooks_end:
                 with self._hooks.context(entries):
@@ -101,7 +101,7 @@ class HookAPIMixin:
         ``prepend`` runs it before the hooks already at that site. ``level`` is accepted for
         TransformerLens compatibility and ignored: contexts remove exactly their own hooks.
         """
-        self._hooks.add_shared(self._hook_entries([(name, hook)], dir, is_permanent), prepend=prepend)
+        self._hooks.add_shared(self.hook_entries([(name, hook)], dir, is_permanent), prepend=prepend)
 
     def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd") -> None:
         """A permanent hook (kept by ``reset_hooks()``)."""

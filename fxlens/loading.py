@@ -24,7 +24,8 @@ from .tracer.locate import Shape, locate
 from .tracer.passes.positions import mask_positions
 
 
-def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_cache: bool = True) -> HookedModel:
+def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_cache: bool = True,
+          model_class: type[HookedModel] = HookedModel) -> HookedModel:
     """Capture an already-loaded HF model and place its sites.
 
     The model is put in eval mode; it stays usable and shares parameters with the graph.
@@ -65,9 +66,9 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     cfg = _model_config(hf_model, config, family, sites, extra)
 
     def recapture() -> HookedModel:  # the HF model changed after tracing (see fxlens.binding)
-        return trace(hf_model, tokenizer, compile=compile, graph_cache=graph_cache)
+        return trace(hf_model, tokenizer, compile=compile, graph_cache=graph_cache, model_class=model_class)
 
-    model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0,
+    model = model_class(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0,
                         recapture=recapture)
     model.graph_from_cache = hit is not None
     return model
@@ -105,7 +106,8 @@ def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:
 
 def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     compile: bool = False, gguf_file: str | None = None, fold_ln: bool = False,
-                    center_writing_weights: bool = False, center_unembed: bool = False, **hf_kwargs) -> HookedModel:
+                    center_writing_weights: bool = False, center_unembed: bool = False,
+                    model_class: type[HookedModel] = HookedModel, **hf_kwargs) -> HookedModel:
     """Load an HF checkpoint (hub name, local folder or GGUF file) and trace it.
 
     GGUF checkpoints are dequantised once and cached as safetensors under
@@ -133,7 +135,7 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
     if hf_kwargs.get("device_map") is None:  # with a device_map, accelerate has placed the layers
         model = model.to(device)
     tokenizer = _tokenizer(path, tok_kwargs)
-    traced = trace(model, tokenizer, compile=compile)
+    traced = trace(model, tokenizer, compile=compile, model_class=model_class)
     if fold_ln or center_writing_weights or center_unembed:
         traced = traced.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                         center_unembed=center_unembed)

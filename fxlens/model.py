@@ -25,6 +25,7 @@ from .hook_api import HookAPIMixin, HookList, NameFilter
 from .hooks import StoreCall, calling
 from .inputs import model_inputs
 from .interventions.weights import WeightsMixin
+from .tl_modules import TLModulesMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
 from .tracer.graph import release_source
@@ -45,7 +46,7 @@ class Run:
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class HookedModel(HookAPIMixin, TokenMixin, WeightsMixin):
+class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
     """An HF model with TransformerLens hook sites, cache and hook API.
 
     Build one with :func:`fxlens.from_pretrained` or :func:`fxlens.trace`. The HF model
@@ -182,7 +183,7 @@ class HookedModel(HookAPIMixin, TokenMixin, WeightsMixin):
             attention_mask: ``[batch, pos]`` 0/1 (text input makes its own).
         """
         self.ensure_fresh()
-        extra = tuple(self._hook_entries(fwd_hooks, "fwd") + self._hook_entries(bwd_hooks, "bwd"))
+        extra = tuple(self.hook_entries(fwd_hooks, "fwd") + self.hook_entries(bwd_hooks, "bwd"))
         names = tuple(self.resolve(list(names)))
         stop = self._stop(stop_at_layer)
         ids, mask = model_inputs(self, input, attention_mask, prepend_bos, padding_side)
@@ -290,12 +291,12 @@ class HookedModel(HookAPIMixin, TokenMixin, WeightsMixin):
         return patch_context(self, patches)
 
     def process_weights(self, *, fold_ln: bool = True, center_writing_weights: bool | None = None,
-                        center_unembed: bool = True) -> HookedModel:
+                        center_unembed: bool = True, fold_value_biases: bool = False) -> HookedModel:
         """A copy with TransformerLens' weight processing (see :mod:`fxlens.interventions.processing`)."""
         from .interventions.processing import process_weights
 
         return process_weights(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                               center_unembed=center_unembed)
+                               center_unembed=center_unembed, fold_value_biases=fold_value_biases)
 
     def generate(self, input, max_new_tokens: int = 10, *, fwd_hooks=(), **hf_kwargs):
         """HF ``generate`` (KV cache) with hooks at every step (see :mod:`fxlens.interventions.generate`)."""

@@ -185,7 +185,7 @@ def generate(model, input, max_new_tokens: int = 10, stop_at_eos: bool = True, e
     if use_model_hooks:
         for site, fn in model.active_hooks("fwd"):
             by_site.setdefault(site, []).append(fn)
-    for h in model._hook_entries(fwd_hooks, "fwd"):
+    for h in model.hook_entries(fwd_hooks, "fwd"):
         by_site.setdefault(h.site, []).append(h.fn)
     placed = {site: _module_for(model, site) for site in by_site}  # raises before anything is attached
     for site, where in placed.items():

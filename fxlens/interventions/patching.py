@@ -1,307 +1,142 @@
-"""Activation patching sweeps in the TransformerLens style, run batched.
+"""TransformerLens' ``patching`` module, on fxlens' batched schedules.
 
-Every function takes ``(model, corrupted_tokens, clean_cache, patching_metric)`` like
-TransformerLens' ``patching`` module and returns a tensor of its shape (e.g. ``[n_layers,
-pos]``). A cell patches one site (and position / head) of the corrupted run with the clean
-activation, or with any :class:`~fxlens.interventions.patches.Patch` given as ``patch=``
-(zero, mean, resample ablation sweeps).
-
-``schedule`` picks the execution:
-
-* ``"loop"``: one forward per cell (the reference);
-* ``"batched"``: the cells ride the batch dimension, per-row patch masks in one hooked
-  graph, chunked to ``batch_size`` rows;
-* ``"wavefront"``: one pass over the blocks, cells joining at their block from the cached
-  corrupted residual stream (:mod:`fxlens.interventions.wavefront`); sites outside
-  blocks fall back to ``"batched"``;
-* ``"auto"`` (default): ``"wavefront"`` where the graph can be cut into blocks.
-
-Batched schedules skip cells whose clean and corrupted activations are equal (e.g. the
-shared prefix of an IOI pair): their value is the corrupted metric. ``patching_metric``
-receives logits ``[batch, pos, vocab]``; with ``logits_at`` (e.g. ``-1``) it receives only
-those positions (``[batch, len(logits_at), vocab]``) and the batched schedules unembed only
-them.
+Every function of ``transformer_lens.patching`` is here with its signature and result shape:
+``generic_activation_patch`` with TL's patch setters, and the ``get_act_patch_*`` helpers
+(residual stream, attention / MLP outputs, each head's output, queries, keys, values and pattern,
+by position or across positions, and the ``*_every`` stacks). They run on the wavefront / batched
+schedules of :mod:`fxlens.interventions.sweep` (``schedule=`` etc. pass through as keywords) instead
+of one forward per cell, with the same numbers; cells where clean and corrupted activations are equal
+are answered exactly without compute. GQA: key/value variants have ``n_key_value_heads`` heads.
 """
 
 from __future__ import annotations
 
-import logging
-import re
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from ..cache import ActivationCache
-from ..tracer.sites import layer_of
-from .patches import Patch, ReplacePatch, region_mask, site_dims
-from .wavefront import Cell, GroupHooks, Segments, apply_cell, run_wavefront
+from ..cache import act_name
+from .patches import ReplacePatch
+from .sweep import (
+    Cell,
+    _check_compile,
+    _logit_positions,
+    corrupted_run,
+    parse_bytes,
+    patch_sweep,
+    rows_for_memory,
+    run_cells,
+)
 
-log = logging.getLogger("fxlens.patching")
-
-Metric = Callable[[torch.Tensor], torch.Tensor | float]
-
-
-def _positions(n_pos: int, positions: Sequence[int] | None) -> list[int]:
-    """``positions`` (negative ones counted from the end) checked against ``n_pos``; ``None``: all."""
-    if positions is None:
-        return list(range(n_pos))
-    out = [p + n_pos if p < 0 else p for p in positions]
-    bad = [p for p, q in zip(positions, out) if not 0 <= q < n_pos]
-    if bad or not out or len(set(out)) != len(out):
-        raise ValueError(f"positions must be distinct indices into {n_pos} positions; got {list(positions)}")
-    return out
+__all__ = ["generic_activation_patch", "patch_sweep", "parse_bytes", "rows_for_memory"]
 
 
-def _cells(model, x_like: dict[str, torch.Tensor], sites: Sequence[str], by_pos: bool, by_head: bool,
-           patch: Patch | None, clean_cache: ActivationCache | None,
-           positions: Sequence[int] | None = None) -> tuple[list[Cell], tuple[int, ...]]:
-    cells, shape = [], None
-    for site in sites:
-        x = x_like[site]
-        pos = _positions(x.shape[1], positions)
-        head_ax = next((i for i, d in enumerate(site_dims(site)) if d in ("n_heads", "n_kv_heads")), None)
-        n_heads = x.shape[head_ax] if head_ax is not None else None
-        if by_head and n_heads is None:
-            raise ValueError(f"by_head needs a head dim; {site} has none")
-        if patch is None:
-            if clean_cache is None or site not in clean_cache:
-                raise KeyError(f"clean_cache has no {site}; cache it (run_with_cache names_filter) or pass patch=")
-            op = ReplacePatch(value=clean_cache[site]).op
-        else:
-            op = patch.op
-        grid = [(p, h) for p in (pos if by_pos else [None]) for h in (range(n_heads) if by_head else [None])]
-        shape = (len(sites), *((len(pos),) if by_pos else ()), *((n_heads,) if by_head else ()))
-        for p, h in grid:
-            cells.append(Cell(site, region_mask(x, site, pos=p, head=h), op))
-    return cells, shape
+# -- TransformerLens' patch setters -------------------------------------------------------------
+def layer_pos_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos]; activations ``[batch, pos, ...]``."""
+    _, pos = index
+    corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
+    return corrupted_activation
 
 
-def _metric_value(metric: Metric, logits: torch.Tensor) -> float:
-    v = metric(logits)
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"patching_metric must return a scalar; got shape {tuple(v.shape)}")
-        v = v.item()
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise TypeError(f"patching_metric must return a number or a 1-element tensor, not {type(v).__name__}")
-    return float(v)
+def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos, head_index]; activations ``[batch, pos, head_index, ...]``."""
+    _, pos, head = index
+    corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
+    return corrupted_activation
 
 
-def _unchanged(cell: Cell, clean: torch.Tensor, corrupt: torch.Tensor) -> bool:
-    """Whether replacing the cell's region with the clean activation changes nothing."""
-    if cell.mask is None:
-        return torch.equal(clean, corrupt)
-    return bool(torch.where(cell.mask, clean, corrupt).eq(corrupt).all())
+def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index]; activations ``[batch, pos, head_index, ...]``."""
+    _, head = index
+    corrupted_activation[:, :, head] = clean_activation[:, :, head]
+    return corrupted_activation
 
 
-def _logit_positions(n_pos: int, logits_at: int | Sequence[int] | None) -> torch.Tensor:
-    if logits_at is None:
-        return torch.arange(n_pos)
-    at = [logits_at] if isinstance(logits_at, int) else list(logits_at)
-    bad = [p for p in at if not isinstance(p, int) or not -n_pos <= p < n_pos]
-    if bad or not at:
-        raise ValueError(f"logits_at must be positions in [-{n_pos}, {n_pos}); got {logits_at!r}")
-    return torch.arange(n_pos)[torch.as_tensor(at)]
+def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index]; patterns ``[batch, head_index, dest_pos, src_pos]``."""
+    _, head = index
+    corrupted_activation[:, head, :, :] = clean_activation[:, head, :, :]
+    return corrupted_activation
 
 
-def _clean_cache(model, clean, sites, patch, ids, mask, clean_mask):
-    """The clean activations of ``sites``, checked against the corrupted run's shapes."""
-    if patch is not None:
-        return None
-    if isinstance(clean, torch.Tensor):  # clean token ids: cache them with their own mask
-        clean_ids = clean.to(ids.device)
-        clean_ids = clean_ids[None] if clean_ids.dim() == 1 else clean_ids
-        if clean_mask is None and not bool(mask.all()):
-            raise ValueError("the corrupted run is padded (attention_mask has zeros) but no clean_attention_mask "
-                             "was given for the clean tokens: pass clean_attention_mask=")
-        clean = model.run_with_cache(clean_ids, names_filter=sites, attention_mask=clean_mask)[1]
-    if clean is None:
-        raise ValueError("give a clean cache (or clean token ids), or patch= for an ablation sweep")
-    return clean
+def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index, dest_pos]; patterns ``[batch, head_index, dest_pos, src_pos]``."""
+    _, head, dest = index
+    corrupted_activation[:, head, dest, :] = clean_activation[:, head, dest, :]
+    return corrupted_activation
 
 
-def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCache | torch.Tensor | None,
-                patching_metric: Metric, sites: Sequence[str], positions: Sequence[int] | None = None, *,
-                by_pos: bool = True, by_head: bool = False,
-                patch: Patch | None = None, schedule: str = "auto", batch_size: int = 512,
-                logits_at: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-                clean_attention_mask: torch.Tensor | None = None,
-                progress: bool = True, max_memory: int | str | None = None,
-                compile: bool | None = None) -> torch.Tensor:
-    """Patch each cell of ``sites`` (x position if ``by_pos``, x head if ``by_head``) into the corrupted run.
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index, dest_pos, src_pos]; patterns ``[batch, head_index, dest_pos, src_pos]``."""
+    _, head, dest, src = index
+    corrupted_activation[:, head, dest, src] = clean_activation[:, head, dest, src]
+    return corrupted_activation
 
-    Every schedule honours the hooks active on the model (``add_hook``, ``with model.patch``,
-    ``with model.hooks``): each variant runs them as a one-forward-per-cell loop would, then its patch.
 
-    Args:
-        model: a :class:`~fxlens.HookedModel`.
-        corrupted_tokens: ``[batch, pos]`` token ids of the corrupted run.
-        clean_cache: clean activations of every site in ``sites`` (same shapes), or the clean token ids
-            (``[batch, pos]``, cached here); unused with ``patch=``.
-        patching_metric: ``logits -> scalar``.
-        sites: full site names, one result row each.
-        positions: with ``by_pos``, the positions to sweep (default all; negative counts from the end);
-            the result's position axis follows their order.
-        by_pos: one cell per position (else the whole site at once).
-        by_head: one cell per head (sites with a head dim, e.g. ``attn.hook_z``).
-        patch: write ``patch.op(x)`` instead of the clean activation (ablation sweeps).
-        schedule: ``"auto"``, ``"wavefront"``, ``"batched"`` or ``"loop"`` (see the module docstring).
-            ``"auto"`` runs the wavefront where the graph can be cut into blocks and every site is inside
-            a block, else ``"batched"``; the schedule that ran is logged (logger ``fxlens.patching``).
-        batch_size: most rows (cells x batch) per forward.
-        max_memory: activation budget per forward, in bytes or as ``"2GB"`` / ``"512MiB"``; lowers
-            ``batch_size`` to :func:`rows_for_memory` rows.
-        logits_at: positions whose logits the metric reads (``None``: all).
-        attention_mask: mask of the corrupted run (default: all ones).
-        clean_attention_mask: mask of the clean tokens, when ``clean_cache`` is token ids (required when
-            the corrupted run is padded).
-        progress: show a tqdm bar.
-        compile: ``torch.compile`` the wavefront's block segments (default: ``model.compile``). The
-            batched and loop schedules run the model's own graphs, compiled when the model was
-            loaded with ``compile=True``; asking them for ``compile=True`` otherwise raises.
+_REGION_SETTERS = {layer_pos_patch_setter, layer_pos_head_vector_patch_setter, layer_head_vector_patch_setter,
+                   layer_head_pattern_patch_setter, layer_head_pos_pattern_patch_setter,
+                   layer_head_dest_src_pos_pattern_patch_setter}
 
-    Returns:
-        ``[len(sites), (len(positions)), (n_heads)]`` metric values.
+
+def _setter_op(setter: Callable, index: list[int], clean: torch.Tensor) -> Callable:
+    return lambda x, hook: setter(x.clone(), index, clean)
+
+
+def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric, patch_setter: Callable,
+                             activation_name: str, index_axis_names: Sequence[str] | None = None, index_df=None,
+                             return_index_df: bool = False, **kw):
+    """TransformerLens' ``generic_activation_patch``: one cell per row of indices (``layer`` first).
+
+    TL's own setters become region masks (batched, equal cells skipped); any other ``patch_setter``
+    runs as given on each variant's rows. ``index_df`` (a pandas DataFrame) gives a flat result.
+    ``kw``: ``schedule``, ``batch_size``, ``logits_at``, ``attention_mask``, ``progress``, ``compile``.
     """
     ids = torch.as_tensor(corrupted_tokens, device=model.device)
     ids = ids[None] if ids.dim() == 1 else ids
-    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(ids.device)
-    if isinstance(sites, str):
-        raise TypeError("sites must be a list of site names (one result row each), not a single string")
-    sites = list(sites)
-    model.resolve(sites)
-    if positions is not None and not by_pos:
-        raise ValueError("positions= selects the positions of a by_pos sweep; by_pos=False patches whole sites")
-    if schedule not in ("auto", "wavefront", "batched", "loop"):
-        raise ValueError(f"schedule must be 'auto', 'wavefront', 'batched' or 'loop', not {schedule!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
-    compile = model.compile if compile is None else compile
-    if compile and not model.compile and schedule in ("batched", "loop"):
-        raise ValueError(f"compile=True with schedule={schedule!r} runs the model's own graphs: load the model "
-                         "with compile=True (or use the wavefront schedule)")
-    keep = _logit_positions(ids.shape[1], logits_at).to(ids.device)
-    if max_memory is not None:
-        batch_size = min(batch_size, rows_for_memory(model, ids.shape[1], len(keep), max_memory))
-    clean_cache = _clean_cache(model, clean_cache, sites, patch, ids, mask, clean_attention_mask)
-    n = model.cfg.n_layers
-    resid_names = [f"blocks.{L}.hook_resid_{w}" for L in range(n) for w in ("pre", "post")]
-    want = list(dict.fromkeys([*sites, *resid_names]))
-    with torch.no_grad():
-        corrupt_logits, corrupt = model.run_with_cache(ids, names_filter=want, attention_mask=mask)
-    if patch is None:
-        for site in sites:
-            if site not in clean_cache:
-                raise KeyError(f"clean_cache has no {site}; cache it (run_with_cache names_filter) or pass patch=")
-            if tuple(clean_cache[site].shape) != tuple(corrupt[site].shape):
-                raise ValueError(f"clean {site} has shape {tuple(clean_cache[site].shape)} but the corrupted run's "
-                                 f"is {tuple(corrupt[site].shape)}: clean and corrupted inputs need the same batch "
-                                 "size and number of tokens")
-    cells, shape = _cells(model, dict(corrupt), sites, by_pos, by_head, patch, clean_cache, positions)
-    base_value = _metric_value(patching_metric, corrupt_logits[:, keep])
-    results = torch.full((len(cells),), float("nan"))
-    user: dict[str, list] = {}
-    for site, fn in model.active_hooks("fwd"):
-        user.setdefault(site, []).append(fn)
-
-    if schedule == "loop":
-        log.info("patch_sweep: schedule=loop, %d cells", len(cells))
-        with torch.no_grad():
-            for i, cell in enumerate(tqdm(cells, disable=not progress, desc="patching (loop)")):
-                logits = model.run_with_hooks(ids, fwd_hooks=[(cell.site, lambda x, hook, c=cell: apply_cell(c, x))],
-                                              attention_mask=mask)
-                results[i] = _metric_value(patching_metric, logits[:, keep])
-        return results.reshape(shape)
-
-    todo = []
-    for i, cell in enumerate(cells):
-        if patch is None and _unchanged(cell, clean_cache[cell.site], corrupt[cell.site]):
-            results[i] = base_value
+    heads = model.cfg.n_kv_heads if activation_name in ("k", "v") else model.cfg.n_heads
+    ranges = {"layer": model.cfg.n_layers, "pos": ids.shape[-1], "src_pos": ids.shape[-1],
+              "dest_pos": ids.shape[-1], "head_index": heads, "head": heads}
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or index_df")
+        unknown = [a for a in index_axis_names if a not in ranges]
+        if unknown:
+            raise ValueError(f"unknown index axis names {unknown}; known: {sorted(ranges)}")
+        shape = [ranges[a] for a in index_axis_names]
+        rows = [list(r) for r in itertools.product(*(range(n) for n in shape))]
+    else:
+        if index_axis_names is not None:
+            raise ValueError("give index_axis_names or index_df, not both")
+        rows, shape = [[int(v) for v in r] for r in index_df.itertuples(index=False)], [len(index_df)]
+    mask = torch.ones_like(ids) if kw.get("attention_mask") is None else torch.as_tensor(kw["attention_mask"])
+    mask = mask.to(ids.device)
+    sites = sorted({act_name(activation_name, r[0]) for r in rows}, key=model.all_hook_names.index)
+    corrupt_logits, corrupt = corrupted_run(model, ids, mask, sites, clean_cache)
+    cells = []
+    for r in rows:
+        site = act_name(activation_name, r[0])
+        clean = clean_cache[site]
+        if patch_setter in _REGION_SETTERS:
+            region = patch_setter(torch.zeros((1, *clean.shape[1:]), dtype=torch.bool, device=clean.device), r,
+                                  torch.ones((1, *clean.shape[1:]), dtype=torch.bool, device=clean.device))
+            cells.append(Cell(site, region, ReplacePatch(value=clean).op))
         else:
-            todo.append(i)
-    segments, why = None, "every cell is answered without compute" if not todo else ""
-    if todo and schedule in ("auto", "wavefront"):
-        outside = sorted({cells[i].site for i in todo if layer_of(cells[i].site) is None}
-                         | {s for s in user if layer_of(s) is None and not s.startswith("ln_final")})
-        if outside:
-            why = f"{outside} are outside the blocks"
-        else:
-            hooked = frozenset({cells[i].site for i in todo if not cells[i].direct}
-                               | {s for s in user if not s.endswith(("hook_resid_pre", "hook_resid_post"))})
-            try:
-                segments = model.memo(("segments", hooked, compile), lambda: Segments(model, hooked, compile))
-            except ValueError as e:
-                why = str(e)
-        if segments is None and schedule == "wavefront":
-            raise ValueError(f"schedule='wavefront' cannot run: {why}; use schedule='batched'")
-        if segments is None and todo:
-            log.warning("patch_sweep: schedule='auto' runs 'batched' because the wavefront cannot: %s", why)
-    ran = "wavefront" if segments is not None else "batched"
-    log.info("patch_sweep: schedule=%s, %d cells, %d computed, %d answered exactly without compute",
-             ran, len(cells), len(todo), len(cells) - len(todo))
-    b = ids.shape[0]
-    per_chunk = max(1, batch_size // b)
-    if segments is not None:
-        todo.sort(key=lambda i: cells[i].join)
-    chunks = [todo[j:j + per_chunk] for j in range(0, len(todo), per_chunk)]
-    for chunk in tqdm(chunks, disable=not progress, desc=f"patching ({ran})"):
-        group = [cells[i] for i in chunk]
-        if segments is not None:
-            logits = run_wavefront(model, segments, group, ids, mask, corrupt, keep, user)
-        else:
-            logits = _run_batched(model, group, ids, mask, user)[:, keep]
-        for j, i in enumerate(chunk):
-            results[i] = _metric_value(patching_metric, logits[j * b:(j + 1) * b])
-    return results.reshape(shape)
+            cells.append(Cell(site, None, _setter_op(patch_setter, r, clean)))
+    schedule = kw.get("schedule", "auto")
+    out = run_cells(model, ids, mask, cells, patching_metric, corrupt_logits, corrupt,
+                    clean_cache if patch_setter in _REGION_SETTERS else None, schedule=schedule,
+                    batch_size=kw.get("batch_size", 512), keep=_logit_positions(ids.shape[1], kw.get("logits_at"))
+                    .to(ids.device), progress=kw.get("progress", True),
+                    compile=_check_compile(model, kw.get("compile"), schedule)).reshape(shape)
+    if return_index_df:
+        import pandas as pd
 
-
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(size: int | str) -> int:
-    """``2_000_000``, ``"2MB"``, ``"1.5 GiB"`` -> bytes."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(f"max_memory must be a number of bytes (int) or a string like '2GB', not {size!r}")
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"max_memory must be positive, not {size}")
-        return size
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
-    if not m or m.group(2).lower() not in _UNITS | {"": 1}:
-        raise ValueError(f"cannot read a memory size from {size!r} (use bytes or e.g. '2GB', '512MiB')")
-    out = int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
-    if out <= 0:
-        raise ValueError(f"max_memory must be positive, not {size!r}")
+        return out, (index_df if index_df is not None else pd.DataFrame(rows, columns=list(index_axis_names)))
     return out
 
 
-def rows_for_memory(model, n_pos: int, n_logit_pos: int, max_memory: int | str) -> int:
-    """Batch rows whose activations fit in ``max_memory`` (at least 1).
-
-    Per row, the live tensors of one block (residual, q/k/v, attention pattern, MLP hidden) plus
-    the unembedded positions: ``itemsize * (pos * (4 d_model + 3 d_mlp + n_heads pos) + 2 n_logit_pos d_vocab)``.
-    """
-    c = model.cfg
-    itemsize = torch.finfo(c.dtype).bits // 8
-    row = itemsize * (n_pos * (4 * c.d_model + 3 * c.d_mlp + c.n_heads * n_pos) + 2 * n_logit_pos * c.d_vocab)
-    return max(1, parse_bytes(max_memory) // row)
-
-
-def _run_batched(model, cells: list[Cell], ids: torch.Tensor, mask: torch.Tensor,
-                 user: dict[str, list]) -> torch.Tensor:
-    """All ``cells`` as row groups of one forward: per group, the active hooks then the cell's patch."""
-    hooks = GroupHooks(model, user, ids.shape[0])
-    for g, cell in enumerate(cells):
-        hooks.place(g, cell)
-    sites = {*user, *(c.site for c in cells)}
-    n = len(cells)
-    with torch.no_grad():
-        return model.run(ids.repeat(n, 1), attention_mask=mask.repeat(n, 1), use_model_hooks=False,
-                         fwd_hooks=[(s, lambda x, hook: hooks.apply(hook.name, x)) for s in sites]).out
-
-
-# -- TransformerLens-named sweeps ----------------------------------------------------------
 def _layers(model, template: str) -> list[str]:
     return [template.format(L=L) for L in range(model.cfg.n_layers)]
 
@@ -356,3 +191,83 @@ def get_act_patch_block_every(model, corrupted_tokens, clean_cache, patching_met
              *_layers(model, "blocks.{L}.hook_mlp_out")]
     out = patch_sweep(model, corrupted_tokens, clean_cache, patching_metric, names, **kw)
     return out.unflatten(0, (3, model.cfg.n_layers))
+
+
+def _heads(model, act: str, corrupted_tokens, clean_cache, patching_metric, by_pos: bool, **kw) -> torch.Tensor:
+    return patch_sweep(model, corrupted_tokens, clean_cache, patching_metric,
+                       [act_name(act, L) for L in range(model.cfg.n_layers)], by_pos=by_pos, by_head=True, **kw)
+
+
+def get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Each head's queries by position: ``[n_layers, pos, n_heads]``."""
+    return _heads(model, "q", corrupted_tokens, clean_cache, patching_metric, True, **kw)
+
+
+def get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Each KV head's keys by position: ``[n_layers, pos, n_key_value_heads]``."""
+    return _heads(model, "k", corrupted_tokens, clean_cache, patching_metric, True, **kw)
+
+
+def get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Each KV head's values by position: ``[n_layers, pos, n_key_value_heads]``."""
+    return _heads(model, "v", corrupted_tokens, clean_cache, patching_metric, True, **kw)
+
+
+def get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, patching_metric,
+                                           **kw) -> torch.Tensor:
+    """Each head's pattern by destination position: ``[n_layers, n_heads, dest_pos]``."""
+    return _heads(model, "pattern", corrupted_tokens, clean_cache, patching_metric, True, **kw).transpose(1, 2)
+
+
+def get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Each head's queries at every position at once: ``[n_layers, n_heads]``."""
+    return _heads(model, "q", corrupted_tokens, clean_cache, patching_metric, False, **kw)
+
+
+def get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Each KV head's keys at every position at once: ``[n_layers, n_key_value_heads]``."""
+    return _heads(model, "k", corrupted_tokens, clean_cache, patching_metric, False, **kw)
+
+
+def get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, patching_metric, **kw) -> torch.Tensor:
+    """Each KV head's values at every position at once: ``[n_layers, n_key_value_heads]``."""
+    return _heads(model, "v", corrupted_tokens, clean_cache, patching_metric, False, **kw)
+
+
+def get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, patching_metric,
+                                            **kw) -> torch.Tensor:
+    """Each head's whole pattern: ``[n_layers, n_heads]``."""
+    return _heads(model, "pattern", corrupted_tokens, clean_cache, patching_metric, False, **kw)
+
+
+def get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted_tokens, clean_cache, patching_metric,
+                                                 **kw) -> torch.Tensor:
+    """Each (destination, source) entry of each head's pattern: ``[n_layers, n_heads, dest_pos, src_pos]``."""
+    return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric,
+                                    layer_head_dest_src_pos_pattern_patch_setter, "pattern",
+                                    ("layer", "head_index", "dest_pos", "src_pos"), **kw)
+
+
+def _pad_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kw) -> torch.Tensor:
+    """Output, query, key, value and pattern of every head across positions: ``[5, n_layers, n_heads]``
+    (key/value rows zero-padded to ``n_heads`` under GQA, as TransformerLens does)."""
+    args, n = (model, corrupted_tokens, clean_cache, metric), model.cfg.n_heads
+    return torch.stack([get_act_patch_attn_head_out_all_pos(*args, **kw),
+                        get_act_patch_attn_head_q_all_pos(*args, **kw),
+                        _pad_heads(get_act_patch_attn_head_k_all_pos(*args, **kw), n),
+                        _pad_heads(get_act_patch_attn_head_v_all_pos(*args, **kw), n),
+                        get_act_patch_attn_head_pattern_all_pos(*args, **kw)])
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kw) -> torch.Tensor:
+    """The same by position: ``[5, n_layers, pos, n_heads]``."""
+    args, n = (model, corrupted_tokens, clean_cache, metric), model.cfg.n_heads
+    return torch.stack([get_act_patch_attn_head_out_by_pos(*args, **kw),
+                        get_act_patch_attn_head_q_by_pos(*args, **kw),
+                        _pad_heads(get_act_patch_attn_head_k_by_pos(*args, **kw), n),
+                        _pad_heads(get_act_patch_attn_head_v_by_pos(*args, **kw), n),
+                        get_act_patch_attn_head_pattern_by_pos(*args, **kw).transpose(1, 2)])

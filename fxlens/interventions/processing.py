@@ -35,7 +35,7 @@ from .weights import in_out, norm_affine
 
 
 def process_weights(model, *, fold_ln: bool = True, center_writing_weights: bool | None = None,
-                    center_unembed: bool = True, check: bool = True):
+                    center_unembed: bool = True, fold_value_biases: bool = False, check: bool = True):
     """A processed copy of ``model`` (see module docstring); ``check`` compares logits with the original."""
     from ..loading import trace
 
@@ -63,14 +63,37 @@ def process_weights(model, *, fold_ln: bool = True, center_writing_weights: bool
             _center_writers(model, hf)
         if center_unembed:
             _center_unembed(hf)
-    out = trace(hf, model.tokenizer, compile=model.compile)
+        if fold_value_biases:
+            _fold_value_biases(model, hf)
+    out = trace(hf, model.tokenizer, compile=model.compile, model_class=type(model))
     if fold_ln:
         out.cfg = dataclasses.replace(out.cfg, normalization_type=cfg.normalization_type + "Pre")
     out.processing = {"fold_ln": fold_ln, "center_writing_weights": bool(center_writing_weights),
-                      "center_unembed": center_unembed}
+                      "center_unembed": center_unembed, "fold_value_biases": fold_value_biases}
     if check:
         _check(model, out, center_unembed)
     return out
+
+
+def _fold_value_biases(model, hf: nn.Module) -> None:
+    """Move each value bias into the output bias (TL's ``fold_value_biases``): every pattern row sums
+    to 1, so ``b_O += sum_h b_V[h] @ W_O[h]`` and ``b_V = 0`` leave the outputs unchanged."""
+    cfg, fam = model.cfg, model.family
+    group = cfg.n_heads // cfg.n_kv_heads
+    for L in range(cfg.n_layers):
+        v_path, idx = model.qkv_location(L, "v")
+        bias = getattr(hf.get_submodule(v_path), "bias", None)
+        if bias is None:
+            continue
+        b_v = bias[idx.to(bias.device)].repeat_interleave(group, 0)  # [n_heads, d_head]
+        o = hf.get_submodule(fam.block(L, fam.attn_out))
+        W, b_o = in_out(o)  # [n_heads * d_head, d_model]
+        shift = torch.einsum("hd,hdm->m", b_v.to(W.dtype), W.unflatten(0, (cfg.n_heads, cfg.d_head)))
+        if b_o is not None:
+            b_o.add_(shift)
+        else:
+            o.bias = nn.Parameter(shift)
+        bias[idx.to(bias.device)] = 0
 
 
 def _untie(hf: nn.Module) -> None:

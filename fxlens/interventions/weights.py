@@ -142,6 +142,11 @@ class WeightsMixin:
         idx = lay.mlp[key]
         return gather_out(W, idx[None])[0], gather_bias(b, idx, W)
 
+    def qkv_location(self, L: int, w: str) -> tuple[str, torch.Tensor]:
+        """``(HF module path, feature index [heads, d_head])`` of block ``L``'s q, k or v projection."""
+        lay = self._layout()
+        return lay.qkv_module[f"{L}.{w}"], lay.qkv[f"{L}.{w}"]
+
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=1)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fxlens.interventions import patching as P
+from fxlens.interventions import sweep
 from fxlens.interventions.patches import MeanPatch, ZeroPatch
 from tests.conftest import tokens, traced
 
@@ -117,8 +118,8 @@ def test_max_memory_chunks_the_sweep_and_keeps_results(monkeypatch):
     with pytest.raises(ValueError, match="memory size"):
         P.parse_bytes("lots")
     calls = []
-    real = P.run_wavefront
-    monkeypatch.setattr(P, "run_wavefront", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    real = sweep.run_wavefront
+    monkeypatch.setattr(sweep, "run_wavefront", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     ref = P.get_act_patch_resid_pre(m, corrupted, cache, metric, logits_at=-1, progress=False)
     n_default = len(calls)
     calls.clear()
