@@ -10,6 +10,8 @@ special-token behaviour.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .model import HookedModel
@@ -49,7 +51,10 @@ class HookedTransformer(HookedModel):
             if move_to_device:
                 hf_model = hf_model.to(device=device, dtype=dtype)
             if tokenizer is None:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
+                try:
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
+                except (OSError, ValueError) as e:
+                    warnings.warn(f"no tokenizer for {model_name!r} ({e}); the model takes token ids only", stacklevel=2)
             model = trace(hf_model, tokenizer, compile=compile, model_class=cls)
         else:
             model = from_pretrained(model_name, dtype=dtype, device=device, compile=compile, model_class=cls,

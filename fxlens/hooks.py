@@ -36,13 +36,14 @@ class HookPoint:
 
     ``ctx`` is a dict that persists across calls (TransformerLens' ``hook.ctx``) until
     ``reset_hooks(clear_contexts=True)``. ``pos_offset`` is how many positions came before the
-    current call (non-zero only during cached generation).
+    current call (non-zero only during cached generation, where ``generating`` is True).
     """
 
     def __init__(self, name: str, store: HookStore | None = None):
         self.name = name
         self.ctx: dict = {}
         self.pos_offset = 0
+        self.generating = False
         self._store = store
 
     def layer(self) -> int:

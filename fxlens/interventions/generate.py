@@ -191,6 +191,8 @@ def generate(model, input, max_new_tokens: int = 10, stop_at_eos: bool = True, e
     for site, where in placed.items():
         _check_boundary(model, site, where)
     points = {site: HookPoint(site) for site in placed}
+    for p in points.values():
+        p.generating = True
     gen = copy.deepcopy(model.hf_model.generation_config)
     tok = model.tokenizer
     eos = eos_token_id if eos_token_id is not None else (tok.eos_token_id if tok is not None else gen.eos_token_id)

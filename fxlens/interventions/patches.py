@@ -28,11 +28,12 @@ def site_dims(name: str) -> list[str]:
 
 
 def region_mask(x: torch.Tensor, name: str, pos: Index = None, head: Index = None,
-                neuron: Index = None, pos_offset: int = 0) -> torch.Tensor | None:
+                neuron: Index = None, pos_offset: int = 0, generating: bool = False) -> torch.Tensor | None:
     """Boolean mask broadcastable to ``x`` selecting the region; ``None`` means everywhere.
 
-    ``pos`` are absolute positions: with ``pos_offset`` (cached generation, where a call holds
-    positions ``pos_offset ..``) the ones outside this call select nothing.
+    ``pos`` are absolute positions. During generation (``generating``; with the KV cache a call holds
+    positions ``pos_offset ..``) positions outside the current call select nothing; in a forward an
+    out-of-range position raises.
     """
     if pos is None and head is None and neuron is None:
         return None
@@ -48,9 +49,14 @@ def region_mask(x: torch.Tensor, name: str, pos: Index = None, head: Index = Non
         ax = axes[key]
         if ax is None:
             raise ValueError(f"{key}= needs a {key} dim; {name} has dims {dims}")
-        if key == "pos" and pos_offset:
-            full = torch.zeros(pos_offset + x.shape[ax], dtype=torch.bool, device=x.device)
-            full[sel if not isinstance(sel, Sequence) else list(sel)] = True
+        if key == "pos" and generating:  # absolute positions; ones not in this call select nothing
+            n = pos_offset + x.shape[ax]
+            full = torch.zeros(n, dtype=torch.bool, device=x.device)
+            if isinstance(sel, int):
+                sel = [sel]
+            if isinstance(sel, Sequence):
+                sel = [p for p in sel if 0 <= p < n]
+            full[sel] = True
             keep = full[pos_offset:]
         else:
             keep = torch.zeros(x.shape[ax], dtype=torch.bool, device=x.device)
@@ -79,7 +85,8 @@ class Patch:
 
     def __call__(self, x: torch.Tensor, hook) -> torch.Tensor:
         new = self.op(x, hook).to(dtype=x.dtype, device=x.device).expand_as(x)
-        mask = region_mask(x, hook.name, self.pos, self.head, self.neuron, getattr(hook, "pos_offset", 0))
+        mask = region_mask(x, hook.name, self.pos, self.head, self.neuron, getattr(hook, "pos_offset", 0),
+                           getattr(hook, "generating", False))
         return new.clone() if mask is None else torch.where(mask, new, x)
 
 
