@@ -25,6 +25,9 @@ class HookAPIMixin:
 
     # -- names --------------------------------------------------------------------------
     def _unknown(self, name: str) -> KeyError:
+        if name.endswith("attn.hook_result"):
+            return KeyError(f"{name} can be cached (model.set_use_attn_result(True), then run_with_cache) but not "
+                            "hooked in fxlens: hook attn.hook_z, which it is computed from, per head instead")
         close = difflib.get_close_matches(name, self.all_hook_names, n=5, cutoff=0.5)
         return KeyError(f"unknown site {name!r} for this {self.cfg.family} model; closest: {close}")
 

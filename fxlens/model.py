@@ -242,7 +242,10 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         """
         _refuse(unsupported)
         stop = self._stop(stop_at_layer)
+        names_filter, results = self._split_results(names_filter, stop)
         names = self.resolve(names_filter)
+        names_kept = set(names)
+        names += [z for z in (r.replace("hook_result", "hook_z") for r in results) if z not in names]
         if stop is not None:
             late = [n for n in names if (layer_of(n) is not None and layer_of(n) >= stop)
                     or (layer_of(n) is None and n.startswith("ln_final"))]
@@ -262,6 +265,13 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
                     raise ValueError("incl_bwd=True runs output.backward(): use return_type='loss' (a scalar)")
                 target.backward()
         data = dict(run.cache)
+        if results:
+            from .interventions.analysis import head_results
+
+            z_only = ActivationCache(data, model=self)
+            data.update({r: head_results(z_only, self, layer_of(r)) for r in results})
+            data = {k: v for k, v in data.items() if k in results or k not in
+                    {r.replace("hook_result", "hook_z") for r in results} or k in names_kept}
         data.update({k: grads[k] for k in sorted(grads, key=lambda k: names.index(k[:-5]))})
         if pos_slice is not None:
             data = {k: _slice_pos(k[:-5] if k.endswith("_grad") else k, v, pos_slice) for k, v in data.items()}
@@ -271,6 +281,22 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         if remove_batch_dim:
             cache = cache.remove_batch_dim()
         return out, (cache if return_cache_object else dict(cache.items()))
+
+    def _split_results(self, names_filter: NameFilter, stop: int | None) -> tuple[NameFilter, list[str]]:
+        """``attn.hook_result`` names (computed from ``hook_z``; TL's ``use_attn_result``) split off the filter."""
+        every = [f"blocks.{L}.attn.hook_result" for L in range(self.cfg.n_layers if stop is None else stop)]
+        if names_filter is None:
+            return None, every if self.cfg.use_attn_result else []
+        if callable(names_filter):
+            return names_filter, [r for r in every if self.cfg.use_attn_result and names_filter(r)]
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if isinstance(names, (list, tuple, set, frozenset)) and any(isinstance(n, str) and n.endswith(
+                "attn.hook_result") for n in names):
+            res = [n for n in names if isinstance(n, str) and n.endswith("attn.hook_result")]
+            if not self.cfg.use_attn_result:
+                raise KeyError(f"{res[0]} needs model.set_use_attn_result(True) (as in TransformerLens)")
+            return [n for n in names if n not in res], res
+        return names_filter, []
 
     def run_with_hooks(self, input, fwd_hooks: HookList = (), bwd_hooks: HookList = (),
                        reset_hooks_end: bool = True, clear_contexts: bool = False,

@@ -95,3 +95,23 @@ def test_hook_dict_points_are_what_hooks_receive():
     seen = []
     m.run_with_hooks(tokens(1, 3), fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: seen.append(hook))])
     assert seen[0] is m.hook_dict["blocks.0.hook_resid_pre"] and isinstance(seen[0], fxlens.HookPoint)
+
+
+def test_use_attn_result_caches_hook_result_summing_to_attn_out():
+    m = traced("llama")
+    ids = tokens(2, 5)
+    with pytest.raises(KeyError, match="set_use_attn_result"):
+        m.run_with_cache(ids, names_filter=["blocks.0.attn.hook_result"])
+    m.set_use_attn_result(True)
+    try:
+        _, only = m.run_with_cache(ids, names_filter=["blocks.1.attn.hook_result"])
+        assert list(only) == ["blocks.1.attn.hook_result"]
+        assert only["result", 1].shape == (2, 5, m.cfg.n_heads, m.cfg.d_model)
+        _, cache = m.run_with_cache(ids)
+        for L in range(m.cfg.n_layers):
+            torch.testing.assert_close(cache["result", L].sum(2) + m.b_O[L], cache["attn_out", L],
+                                       atol=1e-5, rtol=1e-5)
+        with pytest.raises(KeyError, match="not hooked in fxlens"):
+            m.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_result", lambda x, hook: x)])
+    finally:
+        m.set_use_attn_result(False)
