@@ -54,7 +54,8 @@ class HookedTransformer(HookedModel):
                 try:
                     tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
                 except (OSError, ValueError) as e:
-                    warnings.warn(f"no tokenizer for {model_name!r} ({e}); the model takes token ids only", stacklevel=2)
+                    warnings.warn(f"no tokenizer for {model_name!r} ({e}); the model takes token ids only",
+                                  stacklevel=2)
             model = trace(hf_model, tokenizer, compile=compile, model_class=cls)
         else:
             model = from_pretrained(model_name, dtype=dtype, device=device, compile=compile, model_class=cls,
