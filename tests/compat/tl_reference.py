@@ -171,12 +171,42 @@ def compare_utils() -> None:
         check(f"tokenize_and_concatenate {kw}", ours.float(), theirs.float())
 
 
+def compare_factored_matrix() -> None:
+    from transformer_lens import FactoredMatrix as TLFM
+
+    from fxlens.interventions.factored_matrix import FactoredMatrix
+
+    g = torch.Generator().manual_seed(2)
+    A, B = torch.randn(3, 10, 4, generator=g, dtype=torch.float64), torch.randn(4, 10, generator=g, dtype=torch.float64)
+    ours, theirs = FactoredMatrix(A, B), TLFM(A, B)
+    x = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    for name in ("AB", "BA", "U", "S", "V", "eigenvalues"):
+        o, t = getattr(ours, name), getattr(theirs, name)
+        check(f"FactoredMatrix.{name}", torch.view_as_real(o) if o.is_complex() else o,
+              torch.view_as_real(t) if t.is_complex() else t)
+    for name, f in (("norm()", lambda fm: fm.norm()), ("make_even().AB", lambda fm: fm.make_even().AB),
+                    ("make_even().A", lambda fm: fm.make_even().A), ("collapse_l()", lambda fm: fm.collapse_l()),
+                    ("collapse_r()", lambda fm: fm.collapse_r()), ("T.AB", lambda fm: fm.T.AB),
+                    ("get_corner(2)", lambda fm: fm.get_corner(2)), ("(fm @ x).AB", lambda fm: (fm @ x).AB),
+                    ("(x.T @ fm).A", lambda fm: (x.T @ fm).A), ("(fm @ fm).AB", lambda fm: (fm @ fm).AB),
+                    ("(fm * 2).A", lambda fm: (fm * 2).A), ("unsqueeze(0).AB", lambda fm: fm.unsqueeze(0).AB),
+                    ("fm @ v", lambda fm: fm @ x[:, 0])):
+        check(f"FactoredMatrix.{name}", f(ours), f(theirs))
+    for idx in (1, (1, 2), (1, 2, 3), (-1, -1, -1), (slice(None), [0, 2], slice(1, 3)), (Ellipsis, 3), (0, Ellipsis)):
+        check(f"FactoredMatrix[{idx}]", ours[idx].AB, theirs[idx].AB)
+    ok = repr(ours) == repr(theirs)
+    print(f"{'ok ' if ok else 'BAD'} FactoredMatrix repr {repr(ours)!r}")
+    if not ok:
+        FAILED.append("repr")
+
+
 def main() -> int:
     torch.manual_seed(0)
     for family in ("llama", "gpt2", "gpt_neox", "opt"):
         for batch in (2, 1):
             compare_analysis(family, batch)
     compare_utils()
+    compare_factored_matrix()
     print(f"{len(FAILED)} mismatches" + (f": {FAILED}" if FAILED else ""))
     return 1 if FAILED else 0
 
