@@ -200,6 +200,34 @@ def compare_factored_matrix() -> None:
         FAILED.append("repr")
 
 
+def compare_evals() -> None:
+    import transformers
+    from transformer_lens import evals as tl_evals
+
+    import fxlens
+    from fxlens.interventions import evals
+    from tests.conftest import _LLAMA_LIKE
+
+    cfg = transformers.AutoConfig.for_model("llama", vocab_size=20000, bos_token_id=1, **_LLAMA_LIKE)
+    torch.manual_seed(0)
+    m = fxlens.trace(transformers.AutoModelForCausalLM.from_config(cfg).eval(), graph_cache=False)
+    tok = SimpleNamespace(bos_token_id=1)
+
+    class TLView:  # what TL's induction_loss reads
+        cfg = SimpleNamespace(default_prepend_bos=True)
+        tokenizer = tok
+
+        def __call__(self, *args, **kwargs):
+            return m(*args, **kwargs)
+
+    for bos in (None, False):
+        torch.manual_seed(5)
+        theirs = tl_evals.induction_loss(TLView(), batch_size=3, subseq_len=12, prepend_bos=bos, device="cpu")
+        torch.manual_seed(5)
+        ours = evals.induction_loss(m, tokenizer=tok, batch_size=3, subseq_len=12, prepend_bos=bos)
+        check(f"induction_loss(prepend_bos={bos})", ours.reshape(1), theirs.reshape(1))
+
+
 def main() -> int:
     torch.manual_seed(0)
     for family in ("llama", "gpt2", "gpt_neox", "opt"):
@@ -207,6 +235,7 @@ def main() -> int:
             compare_analysis(family, batch)
     compare_utils()
     compare_factored_matrix()
+    compare_evals()
     print(f"{len(FAILED)} mismatches" + (f": {FAILED}" if FAILED else ""))
     return 1 if FAILED else 0
 
