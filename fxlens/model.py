@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .cache import ActivationCache
 from .config import ModelConfig
 from .interventions.hooks import HookFn, HookRegistry, active
 from .interventions.weights import WeightsMixin
+from .loss import lm_loss
 from .tokens import TokenMixin
 from .tracer.families import Family
 from .tracer.sites import Site, layer_of, site_rank, spec
@@ -232,12 +232,3 @@ class HookedModel(TokenMixin, WeightsMixin):
         return (f"HookedModel({c.family}: {c.n_layers} layers, d_model={c.d_model}, heads={c.n_heads}/"
                 f"{c.n_kv_heads}, {len(self.hook_names)} sites)")
 
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy (positions whose target is padding are skipped)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    if mask is None:
-        return nll.mean()
-    m = mask[:, 1:].to(nll.dtype)
-    return (nll * m).sum() / m.sum()
