@@ -12,7 +12,23 @@ argparse subparsers: add one with a ``_add_<name>`` function and list it in ``_C
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+#: Exceptions that mean the user asked for something that cannot be done (a missing file, a bad value):
+#: printed as one line, exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, KeyError)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _load(model: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
@@ -40,7 +56,7 @@ def _add_sites(sub) -> None:
                                    "it was found in, and how it was found (family rule or discovery).")
     _model_args(p)
     p.add_argument("--filter", default=None, help="only sites whose name contains this text")
-    p.add_argument("--block", type=int, default=None,
+    p.add_argument("--block", type=int, default=None, metavar="L",
                    help="only this block's sites (plus the sites outside the blocks)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=_cmd_sites)
@@ -49,6 +65,9 @@ def _add_sites(sub) -> None:
 def _cmd_sites(args) -> int:
     m = _load(args.model, args.dtype, args.device)
     rows = m.site_table()
+    if args.block is not None and not 0 <= args.block < m.cfg.n_layers:
+        raise ValueError(f"--block {args.block} is out of range: the model has {m.cfg.n_layers} blocks "
+                         f"(give 0 to {m.cfg.n_layers - 1})")
     if args.block is not None:
         prefix = f"blocks.{args.block}."
         rows = [r for r in rows if r["name"].startswith(prefix) or not r["name"].startswith("blocks.")]
@@ -96,8 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; a user error prints ``fxlens: error: ...`` (no traceback) and returns 2.
+
+    ``FXLENS_DEBUG=1`` shows the traceback of user errors too.
+    """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if os.environ.get("FXLENS_DEBUG", "0") != "0":
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"fxlens: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def evaluate(model, chunks: TokenChunks, lenses: dict[str, Lens], *, micro_batch
     """
     if not lenses:
         raise ValueError("give at least one lens, e.g. {'logit lens': LogitLens(model)}")
+    if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer (sequences per forward), not {micro_batch!r}")
     n = model.cfg.n_layers
     ce = {k: torch.zeros(n + 1, dtype=torch.float64) for k in lenses}
     kl = {k: torch.zeros(n + 1, dtype=torch.float64) for k in lenses}

@@ -67,6 +67,16 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
 
+    def __post_init__(self):
+        for name, low in (("steps", 1), ("batch_size", 1), ("micro_batch", 1), ("warmup_steps", 0),
+                          ("checkpoint_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if value is None and name == "warmup_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, not {value!r} "
+                                 f"(--{name.replace('_', '-')})")
+
     def warmup(self) -> int:
         return max(1, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
