@@ -35,7 +35,7 @@ def unsupported_reason(hf_model: nn.Module) -> str | None:
                 "TransformerLens' site names do not describe; use a decoder-only or encoder-only model")
     ssm = sorted({type(m).__name__ for m in hf_model.modules() if _is_ssm(m)})
     if ssm:
-        attention = any("attention" in type(m).__name__.lower() for m in hf_model.modules())
+        attention = any("attention" in type(m).__name__.lower() and not _is_ssm(m) for m in hf_model.modules())
         what = "hybrid model: its" if attention else "its"
         return (f"unsupported: state-space layers have no attention sites ({kind}: {what} {', '.join(ssm)} "
                 "layers are recurrences, not attention); fxlens instruments transformers only")
