@@ -57,10 +57,15 @@ def check_gguf(src: Path) -> None:
                          "truncated or corrupted; download it again") from e
 
 
+def _finite(p: torch.Tensor) -> bool:
+    # min and max propagate NaN and show +-inf, with no full-size boolean temporary (isfinite is slower)
+    return p.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(p.detach()))
+
+
 def nonfinite_parameters(model: nn.Module) -> list[str]:
     """Names of the parameters holding NaN or inf (meta parameters are skipped)."""
     return [n for n, p in model.named_parameters()
-            if p.device.type != "meta" and p.is_floating_point() and not bool(torch.isfinite(p).all())]
+            if p.device.type != "meta" and p.is_floating_point() and not _finite(p)]
 
 
 def _layers(keys) -> list[int]:
