@@ -48,7 +48,13 @@ class LensEval:
 
     @classmethod
     def load(cls, path: str | Path) -> LensEval:
-        return cls(**json.loads(Path(path).read_text()))
+        """Read an ``eval.json`` written by :meth:`save`; ``ValueError`` naming the file if it is not one."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path} is not an eval.json written by `fxlens lens eval` ({type(e).__name__}: {e}); "
+                             "run `fxlens lens eval` again") from e
 
     def markdown(self, metric: str = "bits_per_byte") -> str:
         """A Markdown table: one row per layer, one column per lens (plus their difference for two)."""

@@ -173,8 +173,12 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, chunks: TokenChunks) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs = state["config"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = state["config"]
+    except Exception as e:  # truncated by a kill during an older, non-atomic save; not a checkpoint at all
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}): it is truncated or not an "
+                         "fxlens checkpoint; delete it to train from the start") from e
     diff = {k: (theirs.get(k), getattr(cfg, k)) for k in _TRAJECTORY if theirs.get(k) != getattr(cfg, k)}
     if diff:
         raise ValueError(f"checkpoint {path} was written with other settings {diff} (checkpoint, now); "

@@ -138,3 +138,26 @@ def test_valid_lens_still_loads_exactly(lens_dir):
     back = load_lens(m, lens_dir)
     for a, b in zip(lens.state_dict().values(), back.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_truncated_training_checkpoint_names_the_file(tmp_path):
+    from fxlens.lenses import TokenChunks, TrainConfig, train_lens
+
+    m = traced("llama")
+    chunks = TokenChunks(torch.randint(3, 100, (4, 8)), torch.full((4,), 7), ["x.txt"])
+    cfg = TrainConfig(steps=2, batch_size=2, micro_batch=2, checkpoint_every=1, progress=False)
+    train_lens(m, chunks, cfg, out=tmp_path)
+    _truncate(tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint .*checkpoint.pt cannot be read .*delete it to train from") as e:
+        train_lens(m, chunks, cfg, out=tmp_path, resume=True)
+    assert str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("content", ['{"layers": [0, 1], "metr', "[1, 2]", '{"layers": [0]}'])
+def test_broken_eval_json_names_the_file(tmp_path, content):
+    from fxlens.lenses import LensEval
+
+    (tmp_path / "eval.json").write_text(content)
+    with pytest.raises(ValueError, match="eval.json is not an eval.json written by `fxlens lens eval`") as e:
+        LensEval.load(tmp_path / "eval.json")
+    assert str(tmp_path / "eval.json") in str(e.value)
