@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..cli import check_device, port_number, resolve_model
+
 APP = Path(__file__).with_name("app.py")
 
 
@@ -21,7 +23,7 @@ def add_explore(sub) -> None:
     p.add_argument("--model", required=True,
                    help="hub name, local folder, .gguf file, or offline:smollm2 (the shipped SmolLM2-135M)")
     p.add_argument("--lens", default=None, help="tuned lens folder for the lens page (default: logit lens)")
-    p.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default: 8501)")
+    p.add_argument("--port", type=port_number, default=8501, help="port on 127.0.0.1 (default: 8501)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--open-browser", action="store_true", help="open a browser tab (default: just print the URL)")
@@ -42,6 +44,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
     for pkg in ("streamlit", "plotly", "pandas"):
         if importlib.util.find_spec(pkg) is None:
             raise SystemExit(f"fxlens explore needs {pkg}: pip install 'fxlens[explore]' (streamlit, plotly)")
+    # Refuse what the app would only report in the browser after the server started.
+    check_device(args.device)
+    resolve_model(args.model)
+    if args.lens and not (Path(args.lens) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.lens} is not a lens folder: no config.json "
+                                "(train one with `fxlens lens train`)")
     print(f"fxlens explorer for {args.model}: http://127.0.0.1:{args.port} (Ctrl+C stops it)", flush=True)
     return run_child(streamlit_command(args))
 

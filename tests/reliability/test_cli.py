@@ -173,3 +173,34 @@ def test_subprocess_prints_one_line_and_exits_2(tmp_path):
     assert r.stderr.strip().splitlines() == [f"fxlens: error: no such folder: {tmp_path / 'nope'} (give an existing "
                                              "model folder, a .gguf file, or a hub name such as "
                                              "'HuggingFaceTB/SmolLM2-135M')"]
+
+
+def test_device_not_a_device(tiny, capsys):
+    line = _user_error(capsys, ["sites", str(tiny[0]), "--device", "gpu0"])
+    assert "--device 'gpu0' is not a device" in line and "use cpu, cuda or cuda:N" in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(tiny, capsys):
+    line = _user_error(capsys, ["sites", str(tiny[0]), "--device", "cuda"])
+    assert "--device cuda: this machine has 0 CUDA devices; use --device cpu" in line
+
+
+def test_missing_gguf_file(tmp_path, capsys):
+    line = _user_error(capsys, ["sites", str(tmp_path / "model.gguf")])
+    assert f"no such file: {tmp_path / 'model.gguf'}" in line
+
+
+def test_explore_port_out_of_range(capsys):
+    line = _argparse_error(capsys, ["explore", "--model", "offline:smollm2", "--port", "70000"])
+    assert "argument --port: must be a port number from 1 to 65535, not 70000" in line
+
+
+def test_explore_missing_model_folder_before_the_server_starts(tmp_path, capsys):
+    line = _user_error(capsys, ["explore", "--model", str(tmp_path / "nope")])
+    assert f"no such folder: {tmp_path / 'nope'}" in line
+
+
+def test_explore_missing_lens_before_the_server_starts(tiny, tmp_path, capsys):
+    line = _user_error(capsys, ["explore", "--model", str(tiny[0]), "--lens", str(tmp_path / "nolens")])
+    assert f"{tmp_path / 'nolens'} is not a lens folder: no config.json" in line
