@@ -196,11 +196,19 @@ def test_explore_port_out_of_range(capsys):
     assert "argument --port: must be a port number from 1 to 65535, not 70000" in line
 
 
-def test_explore_missing_model_folder_before_the_server_starts(tmp_path, capsys):
+def _no_server(monkeypatch):
+    import fxlens.explorer.launch as launch
+
+    monkeypatch.setattr(launch, "run_child", lambda cmd: pytest.fail(f"the server was started: {cmd}"))
+
+
+def test_explore_missing_model_folder_before_the_server_starts(tmp_path, capsys, monkeypatch):
+    _no_server(monkeypatch)
     line = _user_error(capsys, ["explore", "--model", str(tmp_path / "nope")])
     assert f"no such folder: {tmp_path / 'nope'}" in line
 
 
-def test_explore_missing_lens_before_the_server_starts(tiny, tmp_path, capsys):
+def test_explore_missing_lens_before_the_server_starts(tiny, tmp_path, capsys, monkeypatch):
+    _no_server(monkeypatch)
     line = _user_error(capsys, ["explore", "--model", str(tiny[0]), "--lens", str(tmp_path / "nolens")])
     assert f"{tmp_path / 'nolens'} is not a lens folder: no config.json" in line
