@@ -117,8 +117,7 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
         path = str(_gguf_cache(path, gguf_file, dtype))
         tok_kwargs = {}
     config = transformers.AutoConfig.from_pretrained(path)
-    with torch.device("meta"):  # the structure alone, to refuse unsupported models before loading weights
-        reason = unsupported_reason(transformers.AutoModel.from_config(config))
+    reason = _unsupported_before_loading(config)
     if reason:
         raise UnsupportedModelError(reason)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.model_type not in (
@@ -135,6 +134,19 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
         traced = traced.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                         center_unembed=center_unembed)
     return traced
+
+
+def _unsupported_before_loading(config) -> str | None:
+    """:func:`unsupported_reason` of the model built on the meta device (no weights read); ``None`` if
+    transformers cannot build it so (remote code, say): :func:`trace` checks again after loading."""
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            skeleton = transformers.AutoModel.from_config(config)
+    except Exception:  # the real load reports its own error
+        return None
+    return unsupported_reason(skeleton)
 
 
 def _tokenizer(path: str, kwargs: dict):
