@@ -68,8 +68,9 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
             if p.device.type != "meta" and p.is_floating_point() and not _finite(p)]
 
 
-def _layers(keys) -> list[int]:
-    return sorted({int(m.group(1)) for k in keys if (m := _LAYER_KEY.search(k))})
+def _where(keys: list[str]) -> str:
+    layers = sorted({int(m.group(1)) for k in keys if (m := _LAYER_KEY.search(k))})
+    return (f"layers {layers}, " if layers else "") + f"e.g. {keys[0]}"
 
 
 def check_weights(model: nn.Module, info: dict, path: str) -> None:
@@ -84,11 +85,10 @@ def check_weights(model: nn.Module, info: dict, path: str) -> None:
     if missing or dropped:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} weights missing from the checkpoint (would be random; layers "
-                         f"{_layers(missing)}, e.g. {missing[0]})")
+            parts.append(f"{len(missing)} weights missing from the checkpoint (would be random; {_where(missing)})")
         if dropped:
             parts.append(f"{len(dropped)} checkpoint weights the config has no place for (would be dropped; "
-                         f"layers {_layers(dropped)}, e.g. {dropped[0]})")
+                         f"{_where(dropped)})")
         n = getattr(getattr(model.config, "text_config", None) or model.config, "num_hidden_layers", None)
         raise ValueError(f"checkpoint {path} does not match its config ({n} layers in config.json): "
                          + "; ".join(parts) + ". Fix the layer count (num_hidden_layers) in config.json or use "

@@ -115,3 +115,17 @@ def test_matching_checkpoint_loads_with_hf_logits(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(m(ids), hf(ids).logits)
+
+
+def test_weight_missing_outside_the_layers(tmp_path):
+    """An untied lm_head absent from the file would be random: refused, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf("llama")
+    assert not hf.config.tie_word_embeddings
+    hf.save_pretrained(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 weights missing from the checkpoint \(would be random; e.g. lm_head"):
+        fxlens.from_pretrained(tmp_path / "m")
