@@ -62,6 +62,19 @@ def _finite(p: torch.Tensor) -> bool:
     return p.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(p.detach()))
 
 
+def broken_weight_file(folder: str) -> Path | None:
+    """The first ``*.safetensors`` file in ``folder`` whose header cannot be read, if any."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else ():
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception:  # SafetensorError: truncated, empty, not safetensors
+            return f
+    return None
+
+
 def nonfinite_parameters(model: nn.Module) -> list[str]:
     """Names of the parameters holding NaN or inf (meta parameters are skipped)."""
     return [n for n, p in model.named_parameters()
@@ -99,4 +112,4 @@ def check_weights(model: nn.Module, info: dict, path: str) -> None:
                          "is corrupted (a cached GGUF conversion: delete it under $FXLENS_CACHE); download it again")
 
 
-__all__ = ["check_gguf", "check_path", "check_weights", "nonfinite_parameters"]
+__all__ = ["broken_weight_file", "check_gguf", "check_path", "check_weights", "nonfinite_parameters"]

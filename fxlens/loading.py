@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import check_gguf, check_path, check_weights, nonfinite_parameters
+from .checkpoints import broken_weight_file, check_gguf, check_path, check_weights, nonfinite_parameters
 from .config import ModelConfig, hf_dims
 from .model import HookedModel
 from .support import UnsupportedModelError, unsupported_reason
@@ -124,7 +124,14 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
         "bert", "roberta")
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     hf_kwargs.setdefault("attn_implementation", "sdpa")
-    model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **hf_kwargs)
+    try:
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **hf_kwargs)
+    except Exception as e:
+        broken = broken_weight_file(path)  # name the file the error message leaves out
+        if broken is None:
+            raise
+        raise ValueError(f"{broken} cannot be read ({type(e).__name__}: {e}): it is truncated or corrupted; "
+                         "download or save the model again") from e
     check_weights(model, info, path)
     if hf_kwargs.get("device_map") is None:  # with a device_map, accelerate has placed the layers
         model = model.to(device)

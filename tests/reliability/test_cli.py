@@ -212,3 +212,13 @@ def test_explore_missing_lens_before_the_server_starts(tiny, tmp_path, capsys, m
     _no_server(monkeypatch)
     line = _user_error(capsys, ["explore", "--model", str(tiny[0]), "--lens", str(tmp_path / "nolens")])
     assert f"{tmp_path / 'nolens'} is not a lens folder: no config.json" in line
+
+
+def test_eval_model_without_tokenizer(tmp_path, capsys):
+    from tests.conftest import tiny_hf
+
+    tiny_hf("llama").save_pretrained(tmp_path / "m")
+    text = write_corpus(tmp_path / "text", n_files=1, words=50)[0]
+    line = _user_error(capsys, ["lens", "eval", "--model", str(tmp_path / "m"), "--text", str(text), "--out",
+                                str(tmp_path / "ev")])
+    assert "tokenising text needs the model's tokenizer; this model has none" in line

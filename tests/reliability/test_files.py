@@ -110,3 +110,13 @@ def test_nan_checkpoint_folder_is_refused(tmp_path):
     hf.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="holds NaN/inf weights in 1 tensors \\(e.g. model.layers.1.mlp.up_proj"):
         fxlens.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_safetensors_in_a_model_folder_names_the_file(tmp_path, keep):
+    tiny_hf("llama").save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match=f"{weights} cannot be read \\(SafetensorError: .*truncated or corrupted"):
+        fxlens.from_pretrained(tmp_path / "m")
