@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoints import broken_weight_file, check_gguf, check_path, check_weights, nonfinite_parameters
 from .config import ModelConfig, hf_dims
 from .model import HookedModel
+from .support import UnsupportedModelError, unsupported_reason
 from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
 from .tracer.discover import discover
@@ -32,6 +34,9 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     With ``graph_cache`` (default; off when ``FXLENS_GRAPH_CACHE=0``) the captured graph
     and site table are stored on disk by model structure and reused by later calls.
     """
+    reason = unsupported_reason(hf_model)
+    if reason:
+        raise UnsupportedModelError(reason)
     hf_model.eval()
     offloaded = [n for n, p in hf_model.named_parameters() if p.device.type == "meta"]
     if offloaded:
@@ -122,16 +127,28 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
     path = str(name_or_path)
     if gguf_file is None and path.endswith(".gguf"):
         path, gguf_file = str(Path(path).parent), Path(path).name
+    check_path(path, gguf_file)
     tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:
         path = str(_gguf_cache(path, gguf_file, dtype))
         tok_kwargs = {}
     config = transformers.AutoConfig.from_pretrained(path)
+    reason = _unsupported_before_loading(config)
+    if reason:
+        raise UnsupportedModelError(reason)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or config.model_type not in (
         "bert", "roberta")
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     hf_kwargs.setdefault("attn_implementation", "sdpa")
-    model = auto.from_pretrained(path, dtype=dtype, **hf_kwargs)
+    try:
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **hf_kwargs)
+    except Exception as e:
+        broken = broken_weight_file(path)  # name the file the error message leaves out
+        if broken is None:
+            raise
+        raise ValueError(f"{broken} cannot be read ({type(e).__name__}: {e}): it is truncated or corrupted; "
+                         "download or save the model again") from e
+    check_weights(model, info, path)
     if hf_kwargs.get("device_map") is None:  # with a device_map, accelerate has placed the layers
         model = model.to(device)
     tokenizer = _tokenizer(path, tok_kwargs)
@@ -140,6 +157,19 @@ def from_pretrained(name_or_path: str, *, dtype: torch.dtype = torch.float32, de
         traced = traced.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                         center_unembed=center_unembed)
     return traced
+
+
+def _unsupported_before_loading(config) -> str | None:
+    """:func:`unsupported_reason` of the model built on the meta device (no weights read); ``None`` if
+    transformers cannot build it so (remote code, say): :func:`trace` checks again after loading."""
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            skeleton = transformers.AutoModel.from_config(config)
+    except Exception:  # the real load reports its own error
+        return None
+    return unsupported_reason(skeleton)
 
 
 def _tokenizer(path: str, kwargs: dict):
@@ -162,12 +192,17 @@ def _gguf_cache(folder: str, gguf_file: str, dtype: torch.dtype) -> Path:
     import transformers
 
     src = Path(folder) / gguf_file
+    check_gguf(src)
     stat = src.stat()
     key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:12]
     out = cache_dir() / f"{src.stem}-{key}"
     if (out / "config.json").exists():
         return out
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    bad = nonfinite_parameters(model)
+    if bad:  # refuse before anything is cached: a cached NaN model would be reused by every later load
+        raise ValueError(f"{src} dequantises to NaN/inf weights in {len(bad)} tensors (e.g. {bad[0]}): the file is "
+                         "corrupted; download it again (nothing was cached)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     # The weights are plain tensors after dequantisation; drop the marker that blocks saving.
     model.hf_quantizer = None

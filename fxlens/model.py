@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .binding import fingerprint, rebind
@@ -25,6 +24,7 @@ from .hook_api import HookAPIMixin, HookList, NameFilter
 from .hooks import StoreCall, calling
 from .inputs import model_inputs
 from .interventions.weights import WeightsMixin
+from .loss import lm_loss
 from .tl_modules import TLModulesMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
@@ -382,20 +382,3 @@ def _slice_pos(name: str, x: torch.Tensor, pos_slice) -> torch.Tensor:
     sl = slice(*pos_slice) if isinstance(pos_slice, tuple) else pos_slice  # TL's Slice: an int drops the dim
     return x[(slice(None),) * ax + (sl,)]
 
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None,
-            per_token: bool = False) -> torch.Tensor:
-    """Next-token cross-entropy: the mean (positions whose target is padding are skipped), or
-    ``[batch, pos - 1]`` per token."""
-    if ids.shape[1] < 2:
-        raise ValueError("the loss needs at least 2 tokens per row (it predicts token t+1 from token t)")
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    if per_token:
-        return nll
-    if mask is None:
-        return nll.mean()
-    m = mask[:, 1:].to(nll.dtype)
-    if m.sum() == 0:
-        raise ValueError("the attention mask leaves no target token: the loss is undefined")
-    return (nll * m).sum() / m.sum()

@@ -15,6 +15,7 @@ import inspect
 import textwrap
 from pathlib import Path
 
+from ..cli import positive_int
 from .train import TrainConfig
 
 
@@ -47,8 +48,9 @@ def _common(p: argparse.ArgumentParser, text_help: str) -> None:
     p.add_argument("--text", nargs="+", required=True,
                    help=text_help + " .txt files, folders of them, or austen:train / austen:eval")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per chunk (default: 128)")
-    p.add_argument("--max-chunks", type=int, default=None, help="use only N chunks, evenly spaced over the text")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per chunk (default: 128)")
+    p.add_argument("--max-chunks", type=positive_int, default=None,
+                   help="use only N chunks, evenly spaced over the text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each rank's own GPU)")
     p.add_argument("--device-map", default=None, help="HF device_map (e.g. auto: layers spread over the GPUs)")
@@ -72,7 +74,7 @@ def add_lens(sub) -> None:
                                     "writes OUT/eval.json and prints a per-layer table.")
     _common(e, "held-out text:")
     e.add_argument("--lens", default=None, help="tuned lens folder (fxlens or tuned-lens format)")
-    e.add_argument("--micro-batch", type=int, default=4, help="sequences per forward (default: 4)")
+    e.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per forward (default: 4)")
     e.set_defaults(func=cmd_eval)
 
     p = cmds.add_parser("plot", help="bits/byte curve from eval.json; trajectory heatmap for a prompt",
@@ -83,7 +85,7 @@ def add_lens(sub) -> None:
     p.add_argument("--model", default=None, help="model (for --prompt)")
     p.add_argument("--lens", default=None, help="tuned lens folder (for --prompt)")
     p.add_argument("--prompt", default=None, help="text whose prediction trajectory to plot")
-    p.add_argument("--layer-stride", type=int, default=1, help="show every k-th layer in the heatmap")
+    p.add_argument("--layer-stride", type=positive_int, default=1, help="show every k-th layer in the heatmap")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--device-map", default=None, help="HF device_map (e.g. auto: layers spread over the GPUs)")
@@ -105,10 +107,10 @@ def cmd_train(args) -> int:
     from .data import tokenize_chunks
     from .train import init_distributed, train_lens
 
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # check first
     rank, world = init_distributed()
     model = _load_model(args)
     chunks = tokenize_chunks(model.tokenizer, args.text, args.seq_len, args.max_chunks)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     if rank == 0:
         print(f"{model!r}\ntraining on {len(chunks)} chunks x {chunks.seq_len} tokens from {len(chunks.sources)} "
               f"files; {cfg.steps} steps x {cfg.batch_size * chunks.seq_len} tokens; {world} process(es)")
@@ -151,7 +153,7 @@ def cmd_plot(args) -> int:
             written.append(plots.metric_html(ev, out / "bits_per_byte.html"))
     if args.prompt:
         if not args.model:
-            raise SystemExit("--prompt needs --model (and optionally --lens)")
+            raise ValueError("--prompt needs --model (and optionally --lens)")
         from .eval import PredictionTrajectory
         from .io import load_lens
         from .logit_lens import LogitLens
@@ -166,7 +168,7 @@ def cmd_plot(args) -> int:
             if plots.plotly_available():
                 written.append(plots.trajectory_html(traj, out / f"trajectory_{name}.html"))
     if not written:
-        raise SystemExit("nothing to plot: give --eval eval.json and/or --model ... --prompt TEXT")
+        raise ValueError("nothing to plot: give --eval eval.json and/or --model ... --prompt TEXT")
     for w in written:
         print(f"written: {w}")
     return 0

@@ -113,7 +113,11 @@ def tokenize_chunks(tokenizer, sources, seq_len: int = 512, max_chunks: int | No
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for f in files:
-        text = f.read_text(encoding="utf-8")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text ({e}); convert it, e.g. `iconv -f latin1 -t utf-8 {f}`, "
+                             "or leave it out of --text") from e
         if ids and eos is not None:
             ids.append(eos)
         ids += tokenizer(text, add_special_tokens=False)["input_ids"]

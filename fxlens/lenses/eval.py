@@ -48,7 +48,13 @@ class LensEval:
 
     @classmethod
     def load(cls, path: str | Path) -> LensEval:
-        return cls(**json.loads(Path(path).read_text()))
+        """Read an ``eval.json`` written by :meth:`save`; ``ValueError`` naming the file if it is not one."""
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path} is not an eval.json written by `fxlens lens eval` ({type(e).__name__}: {e}); "
+                             "run `fxlens lens eval` again") from e
 
     def markdown(self, metric: str = "bits_per_byte") -> str:
         """A Markdown table: one row per layer, one column per lens (plus their difference for two)."""
@@ -74,6 +80,8 @@ def evaluate(model, chunks: TokenChunks, lenses: dict[str, Lens], *, micro_batch
     """
     if not lenses:
         raise ValueError("give at least one lens, e.g. {'logit lens': LogitLens(model)}")
+    if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive integer (sequences per forward), not {micro_batch!r}")
     n = model.cfg.n_layers
     ce = {k: torch.zeros(n + 1, dtype=torch.float64) for k in lenses}
     kl = {k: torch.zeros(n + 1, dtype=torch.float64) for k in lenses}

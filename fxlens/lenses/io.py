@@ -12,6 +12,7 @@ the translator weights, keyed ``"{layer}.weight"`` / ``"{layer}.bias"``:
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -43,26 +44,54 @@ def save_lens(lens: TunedLens, path: str | Path, format: str = "fxlens") -> Path
     return path
 
 
+def _read_config(file: Path) -> TunedLensConfig:
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): it is truncated or corrupted; save the lens again") from e
+    try:
+        if isinstance(raw, dict):
+            raw.pop("format", None)
+        return TunedLensConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if file.name == SAFETENSORS:
+        try:
+            return load_file(str(file))
+        except Exception as e:  # SafetensorError: truncated or not safetensors
+            raise ValueError(f"{file} cannot be read ({e}): it is truncated or corrupted; save the lens again") from e
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # garbage bytes, not a refused object
+            raise ValueError(f"{file} cannot be read ({e}): it is truncated or corrupted; save the lens again") from e
+        raise ValueError(f"{file} holds more than tensors and was not loaded "
+                         f"(weights_only=True refuses pickled code): {e}") from e
+    except Exception as e:  # a truncated zip archive, an empty file, not a torch file at all
+        raise ValueError(f"{file} cannot be read ({type(e).__name__}: {e}): it is truncated or corrupted; "
+                         "save the lens again") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} is not a state_dict of tensors")
+    return state
+
+
 def read_lens(path: str | Path) -> tuple[TunedLensConfig, dict[str, torch.Tensor]]:
-    """``(config, translator state_dict)`` from a lens folder of either format."""
+    """``(config, translator state_dict)`` from a lens folder of either format.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file for a missing, truncated or
+    ill-typed file.
+    """
     path = Path(path)
     if not (path / CONFIG).exists():
         raise FileNotFoundError(f"{path} is not a lens folder: no {CONFIG} (train one with `fxlens lens train`)")
-    raw = json.loads((path / CONFIG).read_text())
-    raw.pop("format", None)
-    config = TunedLensConfig.from_dict(raw)
-    if (path / SAFETENSORS).exists():
-        state = load_file(str(path / SAFETENSORS))
-    elif (path / PICKLE).exists():
-        try:
-            state = torch.load(path / PICKLE, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle.UnpicklingError and friends: refuse, say why
-            raise ValueError(f"{path / PICKLE} holds more than tensors and was not loaded "
-                             f"(weights_only=True refuses pickled code): {e}") from e
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path / PICKLE} is not a state_dict of tensors")
-    else:
+    config = _read_config(path / CONFIG)
+    weights = next((path / f for f in (SAFETENSORS, PICKLE) if (path / f).exists()), None)
+    if weights is None:
         raise FileNotFoundError(f"{path} has {CONFIG} but neither {SAFETENSORS} nor {PICKLE}")
+    state = _read_weights(weights)
     # Older tuned-lens checkpoints prefix translator keys with "layer_translators." or hold the unembed too.
     state = {k.removeprefix("layer_translators."): v for k, v in state.items() if not k.startswith("unembed.")}
     return config, state
@@ -79,5 +108,9 @@ def load_lens(model, path: str | Path) -> TunedLens:
         warnings.warn(f"the lens at {path} was trained through a different unembedding "
                       f"(hash {str(config.unembed_hash)[:12]}...): its predictions may be meaningless", stacklevel=2)
     target = lens.layer_translators[0].weight
-    lens.layer_translators.load_state_dict({k: v.to(target.device, target.dtype) for k, v in state.items()})
+    try:
+        lens.layer_translators.load_state_dict({k: v.to(target.device, target.dtype) for k, v in state.items()})
+    except RuntimeError as e:  # missing / unexpected keys, wrong shapes
+        raise ValueError(f"the weights in {path} do not match its {CONFIG} ({config.num_hidden_layers} layers x "
+                         f"d_model {config.d_model}, bias={config.bias}): {e}") from e
     return lens

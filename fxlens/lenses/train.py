@@ -67,6 +67,16 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
 
+    def __post_init__(self):
+        for name, low in (("steps", 1), ("batch_size", 1), ("micro_batch", 1), ("warmup_steps", 0),
+                          ("checkpoint_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if value is None and name == "warmup_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, not {value!r} "
+                                 f"(--{name.replace('_', '-')})")
+
     def warmup(self) -> int:
         return max(1, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
@@ -163,8 +173,12 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, chunks: TokenChunks) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    theirs = state["config"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = state["config"]
+    except Exception as e:  # truncated by a kill during an older, non-atomic save; not a checkpoint at all
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}): it is truncated or not an "
+                         "fxlens checkpoint; delete it to train from the start") from e
     diff = {k: (theirs.get(k), getattr(cfg, k)) for k in _TRAJECTORY if theirs.get(k) != getattr(cfg, k)}
     if diff:
         raise ValueError(f"checkpoint {path} was written with other settings {diff} (checkpoint, now); "

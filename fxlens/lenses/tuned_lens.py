@@ -41,6 +41,9 @@ class TunedLensConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TunedLensConfig:
+        """Build from a ``config.json`` object; every field's JSON type is checked (``ValueError`` names it)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a lens config is a JSON object of settings, not a {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -49,9 +52,33 @@ class TunedLensConfig:
                    if f.name not in d and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"lens config lacks required keys {missing}")
+        for name, value in d.items():
+            if name in names:
+                _check_field(name, value)
         if d.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
             raise ValueError(f"lens_type {d['lens_type']!r} is not supported: only 'linear_tuned_lens'")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: field -> (accepted Python types of the JSON value, how to write it, whether null is allowed)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str, bool]] = {
+    "base_model_name_or_path": ((str,), 'a string such as "HuggingFaceTB/SmolLM2-135M"', False),
+    "d_model": ((int,), "a positive integer such as 576 (no quotes, no decimal point)", False),
+    "num_hidden_layers": ((int,), "a positive integer such as 30 (no quotes, no decimal point)", False),
+    "bias": ((bool,), "true or false (JSON booleans, no quotes)", False),
+    "base_model_revision": ((str,), "a string or null", True),
+    "unembed_hash": ((str,), "a string or null", True),
+    "lens_type": ((str,), 'the string "linear_tuned_lens"', False),
+}
+
+
+def _check_field(name: str, value) -> None:
+    types, how, nullable = _FIELD_TYPES[name]
+    if value is None and nullable:
+        return
+    right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))  # True is an int
+    if not right_type or (int in types and value < 1):
+        raise ValueError(f"lens config field {name!r} must be {how}, not {value!r} ({type(value).__name__})")
 
 
 class TunedLens(Lens):
