@@ -123,7 +123,7 @@ class TLModulesMixin:
     def loss_fn(self, logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 per_token: bool = False) -> torch.Tensor:
         """Next-token cross-entropy of ``logits`` for ``tokens`` (TL's ``loss_fn``)."""
-        from .model import lm_loss
+        from .loss import lm_loss
 
         return lm_loss(logits, tokens, attention_mask, per_token=per_token)
 
