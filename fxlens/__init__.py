@@ -4,6 +4,7 @@ from .cache import ActivationCache, act_name
 from .config import ModelConfig
 from .hooked_transformer import HookedRootModule, HookedTransformer
 from .hooks import HookPoint
+from . import utils
 from .interventions import evals, patching
 from .interventions.factored_matrix import FactoredMatrix
 from .loading import from_pretrained, offline_model_path, trace
@@ -14,6 +15,6 @@ from .tracer.locate import SiteError
 __all__ = [
     "ActivationCache", "CaptureError", "FactoredMatrix", "HookPoint", "HookedModel", "HookedRootModule",
     "HookedTransformer", "ModelConfig", "SiteError", "act_name", "evals", "from_pretrained", "offline_model_path",
-    "patching", "trace",
+    "patching", "trace", "utils",
 ]
 __version__ = "0.1.0"

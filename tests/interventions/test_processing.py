@@ -59,7 +59,8 @@ def test_folded_norms_output_the_bare_normalised_vector(family):
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt"])
 def test_layernorm_models_have_centred_writing_weights_and_unembed(family):
     m, p = _processed(family)
-    assert p.processing == {"fold_ln": True, "center_writing_weights": True, "center_unembed": True}
+    assert p.processing == {"fold_ln": True, "center_writing_weights": True, "center_unembed": True,
+                            "fold_value_biases": False}
     for W in (p.W_E, p.W_O, p.b_O, p.W_out, p.b_out):
         assert W.mean(-1).abs().max() < 1e-5
     assert p.W_U.mean(-1).abs().max() < 1e-5
