@@ -84,7 +84,7 @@ class _LayerScores:
             x = self.lens.normalized(h, i).flatten(0, -2)
             lse, _ = self.fused.logsumexp(x)
             ce = lse - self.fused.token_logits(x, ids)
-            kl, _ = self.fused.kl(x, target[0])
+            kl = self.fused.kl_from_lse(x, lse, target[0])
             return ce.sum().double().item(), kl.sum().double().item()
         logq, q = target
         with self.autocast:

@@ -136,10 +136,14 @@ class FusedUnembed:
             p_w.append((p.to(w32.dtype) @ w32).float() if w32 is not None else p @ self.weight)
         return Target(torch.cat(p_w), torch.cat(p_b), torch.cat(neg_h))
 
+    def kl_from_lse(self, x: torch.Tensor, lse: torch.Tensor, target: Target) -> torch.Tensor:
+        """Per-row ``KL(p ‖ softmax z)`` given ``lse = logsumexp(z)`` (from :meth:`logsumexp`)."""
+        return lse - self.logits_dot(x, target.p_w, target.p_b) + target.neg_entropy
+
     def kl(self, x: torch.Tensor, target: Target, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row ``KL(p ‖ softmax z)`` for normalised ``x`` ``[T, d]``, and with ``grad`` its gradient in ``x``."""
         lse, sw = self.logsumexp(x, grad)
-        kl = lse - self.logits_dot(x, target.p_w, target.p_b) + target.neg_entropy
+        kl = self.kl_from_lse(x, lse, target)
         if grad:
             sw -= self.scale * target.p_w
         return kl, sw
