@@ -1,10 +1,10 @@
 """fxlens: TransformerLens-style hooks, caches and lenses on unmodified HuggingFace models."""
 
+from . import utils
 from .cache import ActivationCache, act_name
 from .config import ModelConfig
 from .hooked_transformer import HookedRootModule, HookedTransformer
 from .hooks import HookPoint
-from . import utils
 from .interventions import evals, patching
 from .interventions.factored_matrix import FactoredMatrix
 from .loading import from_pretrained, offline_model_path, trace

@@ -75,6 +75,8 @@ def add_lens(sub) -> None:
     _common(e, "held-out text:")
     e.add_argument("--lens", default=None, help="tuned lens folder (fxlens or tuned-lens format)")
     e.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per forward (default: 4)")
+    e.add_argument("--bf16-unembed", action="store_true",
+                   help="run the lens unembedding matmuls in bfloat16 (float32 softmax and sums)")
     e.set_defaults(func=cmd_eval)
 
     p = cmds.add_parser("plot", help="bits/byte curve from eval.json; trajectory heatmap for a prompt",
@@ -133,7 +135,7 @@ def cmd_eval(args) -> int:
     lenses = {"logit lens": LogitLens(model)}
     if args.lens:
         lenses["tuned lens"] = load_lens(model, args.lens)
-    ev = evaluate(model, chunks, lenses, micro_batch=args.micro_batch)
+    ev = evaluate(model, chunks, lenses, micro_batch=args.micro_batch, bf16_unembed=args.bf16_unembed)
     path = ev.save(Path(args.out) / "eval.json")
     print(f"{ev.n_tokens} tokens, {ev.n_bytes} bytes; bits per byte:\n{ev.markdown()}\nwritten: {path}")
     return 0

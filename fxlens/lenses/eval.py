@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TokenChunks
+from .fused import FusedUnembed, supported
 from .logit_lens import Lens, residual_stream
 
 
@@ -70,13 +71,45 @@ class LensEval:
         return "\n".join(rows)
 
 
+class _LayerScores:
+    """Summed next-token cross-entropy and KL(final || lens) of one lens layer's rows."""
+
+    def __init__(self, lens: Lens, bf16: bool):
+        self.lens = lens
+        self.fused = FusedUnembed(lens.unembed, bf16=bf16) if supported(lens.unembed) else None
+        self.autocast = torch.autocast(lens.unembed.weight.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def target(self, final_logits: torch.Tensor) -> tuple:
+        if self.fused is not None:
+            return (self.fused.target(final_logits),)
+        logq = torch.log_softmax(final_logits.float(), -1)
+        return logq, logq.exp()
+
+    def __call__(self, h: torch.Tensor, i: int, target: tuple, ids: torch.Tensor) -> tuple[float, float]:
+        if self.fused is not None:  # chunked: no [tokens, d_vocab] tensor besides one block
+            x = self.lens.normalized(h, i).flatten(0, -2)
+            lse, _ = self.fused.logsumexp(x)
+            ce = lse - self.fused.token_logits(x, ids)
+            kl = self.fused.kl_from_lse(x, lse, target[0])
+            return ce.sum().double().item(), kl.sum().double().item()
+        logq, q = target
+        with self.autocast:
+            z = self.lens(h, i).flatten(0, -2)
+        logp = torch.log_softmax(z.float(), -1)
+        ce = -logp.gather(-1, ids.to(logp.device)[:, None]).sum()
+        kl = (q.to(logp.device) * (logq.to(logp.device) - logp)).sum()
+        return ce.double().item(), kl.double().item()
+
+
 @torch.no_grad()
 def evaluate(model, chunks: TokenChunks, lenses: dict[str, Lens], *, micro_batch: int = 4,
-             progress: bool = True) -> LensEval:
+             progress: bool = True, bf16_unembed: bool = False) -> LensEval:
     """Cross-entropy, KL to the final layer and bits/byte per layer for every lens in ``lenses``.
 
     One ``run_with_cache`` (residual sites only) per micro-batch feeds all lenses. Positions whose
-    next token is in the chunk (``pos < seq_len - 1``) are scored.
+    next token is in the chunk (``pos < seq_len - 1``) are scored. ``bf16_unembed`` runs the lens
+    unembedding matmuls in bfloat16 (float32 softmax and sums); the final layer is the model's own
+    logits either way.
     """
     if not lenses:
         raise ValueError("give at least one lens, e.g. {'logit lens': LogitLens(model)}")
@@ -85,21 +118,21 @@ def evaluate(model, chunks: TokenChunks, lenses: dict[str, Lens], *, micro_batch
     n = model.cfg.n_layers
     ce = {k: torch.zeros(n + 1, dtype=torch.float64) for k in lenses}
     kl = {k: torch.zeros(n + 1, dtype=torch.float64) for k in lenses}
+    scores = {k: _LayerScores(lens, bf16_unembed) for k, lens in lenses.items()}
     n_tok = 0
     for mb in tqdm(torch.arange(len(chunks)).split(micro_batch), desc="evaluating lenses", disable=not progress):
         ids = chunks.tokens[mb]
         logits, stream = residual_stream(model, ids, final=False)
         target = ids[:, 1:].reshape(-1).to(logits.device)
-        logq = torch.log_softmax(logits[:, :-1].flatten(0, 1).float(), -1)
-        q = logq.exp()
-        final_ce = -logq.gather(-1, target[:, None]).sum().double().cpu()
-        for name, lens in lenses.items():
+        final = logits[:, :-1].flatten(0, 1)
+        final_ce = torch.nn.functional.cross_entropy(final.float(), target, reduction="sum").double().cpu()
+        for name, score in scores.items():
             ce[name][n] += final_ce
+            tgt = score.target(final)
             for i in range(n):
-                logp = torch.log_softmax(lens(stream[i][:, :-1], i).flatten(0, 1).float(), -1)
-                t = target.to(logp.device)
-                ce[name][i] += -logp.gather(-1, t[:, None]).sum().double().cpu()
-                kl[name][i] += (q.to(logp.device) * (logq.to(logp.device) - logp)).sum().double().cpu()
+                c, k = score(stream[i][:, :-1], i, tgt, target)
+                ce[name][i] += c
+                kl[name][i] += k
         n_tok += target.numel()
     n_bytes = int(chunks.target_bytes[: len(chunks)].sum())
     metrics = {}

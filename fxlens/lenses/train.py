@@ -3,8 +3,11 @@
 The recipe is tuned-lens 0.2's (Belrose et al. 2023): SGD with Nesterov momentum, learning rate
 scaled by ``1 - momentum``, weight decay, linear warm-up then linear decay, gradients clipped to
 norm 1. Each step runs the model once per micro-batch with only the residual sites cached
-(``run_with_cache``, no autograd through the model), then backpropagates each layer's KL into its
-translator one layer at a time, so only one ``[tokens, d_vocab]`` logit tensor lives at once.
+(``run_with_cache``, no autograd through the model). All layers are translated and normalised in one
+batched graph; the unembedding, softmax and KL gradient are computed block by block outside
+autograd (:mod:`.fused`: one ``[rows, d_vocab]`` buffer, the target entering only through ``pᵀW``),
+and a single backward takes that gradient into the translators. Soft-capped models (Gemma 2/3)
+backpropagate each layer's fused KL through autograd instead.
 
 Data parallel: under ``torchrun --nproc_per_node=N`` (gloo on CPU, nccl on GPU; call
 :func:`init_distributed`) every rank takes an equal slice of each global batch and gradients are
@@ -29,12 +32,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .data import TokenChunks
+from .fused import DEFAULT_ROWS, FusedUnembed, supported
 from .logit_lens import residual_stream
 from .tuned_lens import TunedLens
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that change the trajectory: a checkpoint only resumes under the same values.
-_TRAJECTORY = ("steps", "batch_size", "lr", "momentum", "weight_decay", "warmup_steps", "max_grad_norm", "seed")
+_TRAJECTORY = ("steps", "batch_size", "lr", "momentum", "weight_decay", "warmup_steps", "max_grad_norm", "seed",
+               "bf16_unembed")
 
 
 @dataclass
@@ -66,6 +71,11 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0 only)."""
+    bf16_unembed: bool = False
+    """Run the unembedding matmuls in bfloat16 (softmax, KL and accumulation stay float32): about 2-4x
+    faster on CPUs with AVX-512 BF16 / AMX and on GPUs; the lens is within 0.02 bits/byte of float32."""
+    unembed_rows: int = DEFAULT_ROWS
+    """Rows of lens logits computed at once (memory: rows x d_vocab x 4 bytes)."""
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("batch_size", 1), ("micro_batch", 1), ("warmup_steps", 0),
@@ -118,6 +128,45 @@ def kl_to_target(lens_logits: torch.Tensor, p: torch.Tensor, neg_entropy: torch.
     """Per-token KL(p || softmax(lens_logits)) for ``[T, V]`` logits, ``[T, V]`` target probs and
     ``[T]`` target ``sum p log p``; differentiable in ``lens_logits``."""
     return _CrossEntropyToTarget.apply(lens_logits.float(), p) + neg_entropy
+
+
+def _micro_step(lens: TunedLens, cfg: TrainConfig) -> Callable[[torch.Tensor, list[torch.Tensor], int], torch.Tensor]:
+    """``step(final_logits [T, V], stream, tokens_per_step) -> per-layer KL sums [n_layers]``: accumulates
+    the gradient of ``sum(KL) / tokens_per_step`` into the translators."""
+    unembed, n = lens.unembed, lens.n_layers
+    if supported(unembed):
+        fused = FusedUnembed(unembed, bf16=cfg.bf16_unembed, rows=cfg.unembed_rows)
+
+        def step(logits, stream, tokens_per_step):
+            target = fused.target(logits)
+            hs = torch.stack([h.to(fused.device) for h in stream]).flatten(1, -2)  # [L, T, d]
+            x = unembed.normalize(lens.transform_layers(hs))
+            grad = torch.empty(x.shape, device=fused.device)
+            kl = torch.empty(n, device=fused.device)
+            for i in range(n):
+                k, grad[i] = fused.kl(x[i], target, grad=True)
+                kl[i] = k.sum()
+            x.backward(grad.div_(tokens_per_step).to(x.dtype))
+            return kl
+
+        return step
+
+    autocast = torch.autocast(unembed.weight.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_unembed)
+
+    def step_softcap(logits, stream, tokens_per_step):
+        logp = torch.log_softmax(logits.to(unembed.weight.device).float(), dim=-1)
+        p = logp.exp()
+        neg_h = (p * logp).sum(-1)
+        kl = torch.empty(n)
+        for i in range(n):
+            with autocast:
+                z = lens(stream[i], i).flatten(0, 1)
+            k = kl_to_target(z, p, neg_h)
+            (k.sum() / tokens_per_step).backward()
+            kl[i] = k.detach().sum().cpu()
+        return kl
+
+    return step_softcap
 
 
 def init_distributed() -> tuple[int, int]:
@@ -175,11 +224,13 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def _load_checkpoint(path: Path, cfg: TrainConfig, chunks: TokenChunks) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        theirs = state["config"]
+        stored = state["config"]
     except Exception as e:  # truncated by a kill during an older, non-atomic save; not a checkpoint at all
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}): it is truncated or not an "
                          "fxlens checkpoint; delete it to train from the start") from e
-    diff = {k: (theirs.get(k), getattr(cfg, k)) for k in _TRAJECTORY if theirs.get(k) != getattr(cfg, k)}
+    defaults = TrainConfig()  # checkpoints older than a field were written with its default
+    theirs = {k: stored.get(k, getattr(defaults, k)) for k in _TRAJECTORY}
+    diff = {k: (theirs[k], getattr(cfg, k)) for k in _TRAJECTORY if theirs[k] != getattr(cfg, k)}
     if diff:
         raise ValueError(f"checkpoint {path} was written with other settings {diff} (checkpoint, now); "
                          "resume with the same settings or start a new --out folder")
@@ -234,6 +285,7 @@ def train_lens(model, chunks: TokenChunks, config: TrainConfig | None = None, *,
     tokens_per_step = cfg.batch_size * seq
     device = lens.unembed.weight.device
     params = [p for p in lens.layer_translators.parameters() if p.requires_grad]
+    micro_step = _micro_step(lens, cfg)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="tuned lens",
                disable=not cfg.progress or rank != 0, unit="step")
     t0 = time.perf_counter()
@@ -241,17 +293,10 @@ def train_lens(model, chunks: TokenChunks, config: TrainConfig | None = None, *,
         idx = batch_indices(step, len(chunks), cfg.batch_size, cfg.seed)[rank * local:(rank + 1) * local]
         layer_kl = torch.zeros(n, dtype=torch.float64)
         for mb in idx.split(cfg.micro_batch):
-            ids = chunks.tokens[mb]
-            logits, stream = residual_stream(model, ids, final=False)
-            logp = torch.log_softmax(logits.to(device).flatten(0, 1).float(), dim=-1)
-            p = logp.exp()
-            neg_h = (p * logp).sum(-1)
-            del logits, logp
-            for i in range(n):
-                kl = kl_to_target(lens(stream[i], i).flatten(0, 1), p, neg_h)
-                (kl.sum() / tokens_per_step).backward()
-                layer_kl[i] += kl.detach().sum().double().cpu()
-            del stream, p
+            logits, stream = residual_stream(model, chunks.tokens[mb], final=False)
+            step_kl = micro_step(logits.flatten(0, 1), stream, tokens_per_step)
+            layer_kl += step_kl.double().cpu()
+            del logits, stream
         if world > 1:
             flat = torch.cat([p.grad.flatten() for p in params])
             dist.all_reduce(flat)

@@ -151,6 +151,21 @@ class TunedLens(Lens):
         h = h.to(t.weight.device, t.weight.dtype)
         return h + t(h)
 
+    def transform_layers(self, hs: torch.Tensor) -> torch.Tensor:
+        """:meth:`transform_hidden` of every translated layer at once: ``hs[i]`` is layer ``i``'s residual,
+        ``[n_layers, ..., d_model]`` -> same shape (one batched matmul instead of one per layer)."""
+        if hs.shape[0] != self.n_layers:
+            raise ValueError(f"expected the residuals of layers 0..{self.n_layers - 1} stacked ({self.n_layers}), "
+                             f"got {hs.shape[0]}")
+        ts = self.layer_translators
+        w = torch.stack([t.weight for t in ts])  # [L, out, in]
+        flat = hs.to(w.device, w.dtype).reshape(self.n_layers, -1, hs.shape[-1])
+        if ts[0].bias is not None:
+            out = torch.baddbmm(torch.stack([t.bias for t in ts]).unsqueeze(1), flat, w.transpose(1, 2))
+        else:
+            out = torch.bmm(flat, w.transpose(1, 2))
+        return (flat + out).reshape(hs.shape)
+
     def unembedding_matches(self) -> bool:
         """Whether the model's unembedding is the one the lens was trained through."""
         return self.config.unembed_hash == self.unembed.unembedding_hash()
