@@ -34,6 +34,8 @@ TINY = dict(
     decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=2, encoder_attention_heads=4,
     encoder_ffn_dim=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=64, attention_chunk_size=64,
     rotary_dim=8,
+    # non-trivial documented scalings, so a site that misses them is caught
+    embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0,
 )
 TIMEOUT_S = 180
 

@@ -20,7 +20,7 @@ from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
 from .tracer.discover import discover
 from .tracer.families import RULES, Family
-from .tracer.locate import Shape, locate
+from .tracer.locate import Shape, graph_heads, locate
 
 
 def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_cache: bool = True) -> HookedModel:
@@ -45,16 +45,17 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         gm, output, sites, extra = hit
         family = Family(**{k: tuple(v) if k == "model_types" else v for k, v in extra["family"].items()})
     else:
-        n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+        n_layers, d_model, *hf_heads = hf_dims(config)
         cap = capture(hf_model)
         gm, output = cap.gm, cap.output
         found_by = "rule"
         if family is None:
             family, found_by = discover(hf_model, gm, n_layers), "discovery"
-        sites = locate(gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head), found_by)
+        heads = graph_heads(gm, family) or tuple(hf_heads)  # the graph, not config attributes it may ignore
+        sites = locate(gm, family, Shape(n_layers, d_model, *heads), found_by)
         nodes = {n.name: n for n in gm.graph.nodes}
         ln_op = nodes[sites["blocks.0.ln1.hook_scale"].extra["op"]].target
-        extra = {"family": asdict(family),
+        extra = {"family": asdict(family), "heads": list(heads), "capture_seconds": cap.seconds,
                  "d_mlp": _d_mlp(config, nodes, sites),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
@@ -73,7 +74,8 @@ def _d_mlp(config, nodes: dict, sites: dict) -> int:
 
 
 def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:
-    n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+    n_layers, d_model, *hf_heads = hf_dims(config)
+    n_heads, n_kv, d_head = extra.get("heads") or hf_heads
     param = next(hf_model.parameters())
     rotary = "blocks.0.attn.hook_rot_q" in sites
     return ModelConfig(

@@ -103,7 +103,8 @@ class Locator:
     # -- top level ------------------------------------------------------------
     def run(self) -> dict[str, Site]:
         f = self.f
-        self.add("hook_embed", self._hidden(self.outputs(f.embed)), f.embed)
+        # what the embedding adds to the residual: after scalar scales (Granite's embedding_multiplier)
+        self.add("hook_embed", self._through_scales(self._hidden(self.outputs(f.embed))), f.embed)
         if f.pos_embed:
             self.add("hook_pos_embed", self._hidden(self.outputs(f.pos_embed)), f.pos_embed)
         for layer in range(self.s.n_layers):
@@ -142,8 +143,9 @@ class Locator:
             self.norm(f"{p}.ln2", f.block(L, f.ln2))
         attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
         mlp_out = self._branch_out(L, f.mlp_out, f.mlp_post_norm)
-        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out))
-        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, f.mlp_out))
+        # extra["scale"]: the scalar the branch output was multiplied by (W_O / W_out must include it)
+        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out), extra={"scale": _scale_of(attn_out)})
+        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, f.mlp_out), extra={"scale": _scale_of(mlp_out)})
         if not f.parallel and pre is not None and attn_out is not None:
             mid = next((u for u in attn_out.users if is_op(u, {aten.add.Tensor, operator.add})
                         and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
@@ -159,8 +161,11 @@ class Locator:
     def _branch_out(self, L: int, proj: str, post_norm: str | None) -> fx.Node | None:
         """What the branch adds to the residual: the module output, after identity ops and
         scalar scales (Granite's ``residual_multiplier``)."""
-        mod = self.f.block(L, post_norm or proj)
-        out = self._hidden(self.outputs(mod))
+        return self._through_scales(self._hidden(self.outputs(self.f.block(L, post_norm or proj))))
+
+    @staticmethod
+    def _through_scales(out: fx.Node | None) -> fx.Node | None:
+        """Follow a single chain of identity ops and scalar multiplies (documented multipliers)."""
         while out is not None and len(out.users) == 1:
             (user,) = out.users
             if not ((is_op(user, IDENTITY_OPS) or _is_scalar_scale(user)) and user.args[0] is out):
@@ -291,6 +296,17 @@ class Locator:
                                     f"({a.name} vs {b.name})")
 
 
+def _scale_of(n: fx.Node | None) -> float:
+    """Product of the scalar multiplies/divides on the identity chain ending at ``n``."""
+    scale = 1.0
+    while n is not None and (is_op(n, IDENTITY_OPS) or _is_scalar_scale(n)):
+        if _is_scalar_scale(n):
+            c = float(n.args[1])
+            scale = scale * c if is_op(n, {aten.mul.Tensor}) else scale / c
+        n = n.args[0]
+    return scale
+
+
 def _per_token(labels: tuple) -> int:
     n = 1
     for d in labels:
@@ -300,6 +316,56 @@ def _per_token(labels: tuple) -> int:
             return -1
         n *= d
     return n
+
+
+def graph_heads(gm: fx.GraphModule, family: Family, layer: int = 0) -> tuple[int, int, int] | None:
+    """``(n_heads, n_kv_heads, d_head)`` read from the attention op of block ``layer``.
+
+    The config may carry attributes the model ignores (a GPT-2 config with a stray
+    ``num_key_value_heads``); the graph does not. ``d_head`` is the query's last dim;
+    heads are the per-token size over ``d_head`` at the narrowest point of the query / key
+    chains (keys before GQA repetition). ``None`` when block ``layer`` has no single
+    attention op.
+    """
+    ix = ModuleIndex(gm.graph)
+    nodes = ix.nodes(family.block(layer, family.attn))
+    sdpa = [n for n in nodes if is_op(n, SDPA_OPS)]
+    soft = [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+    if len(sdpa) == 1:
+        q, k = sdpa[0].args[:2]
+    elif len(soft) == 1:
+        qk = soft[0].args[0]
+        while qk is not None and not is_op(qk, {aten.matmul.default, aten.bmm.default}):
+            qk = qk.args[0] if qk.args and isinstance(qk.args[0], fx.Node) else None
+        if qk is None:
+            return None
+        q, k = qk.args[:2]
+    else:
+        return None
+    qv = tensor_val(q)
+    if qv is None or qv.dim() < 3 or not isinstance(qv.shape[-1], int):
+        return None
+    d_head = int(qv.shape[-1])
+
+    def heads(n: fx.Node) -> int | None:
+        best = None
+        while True:
+            v = tensor_val(n)
+            if v is not None and v.dim() >= 4:
+                per = [d for d in v.shape[1:] if isinstance(d, int)]
+                count = 1
+                for d in per:
+                    count *= d
+                if count % d_head == 0:
+                    best = count // d_head if best is None else min(best, count // d_head)
+            if not (is_op(n, SHAPE_OPS) or _is_scalar_scale(n)):
+                return best
+            n = n.args[0]
+
+    n_heads, n_kv = heads(q), heads(k)
+    if not n_heads or not n_kv:
+        return None
+    return n_heads, n_kv, d_head
 
 
 def locate(gm: fx.GraphModule, family: Family, shape: Shape, found_by: str = "rule") -> dict[str, Site]:
