@@ -245,7 +245,7 @@ def _check_qkv(res: SiteCheck, name: str, site, got: torch.Tensor, proj_out, mod
     if width == H * D:
         res._record("qkv", name, got, proj_out.reshape(B, S, H, D))
         return
-    # fused projection: [q | k | v] contiguous (GPT-2, Phi-3), or per-head [q k v] interleaved (GPT-NeoX)
+    # fused projection: one of the documented layouts of the HF modules (the best match is the reference)
     c = model.cfg
     which = name.rsplit("_", 1)[-1]
     sizes = {"q": c.n_heads * c.d_head, "k": c.n_kv_heads * c.d_head, "v": c.n_kv_heads * c.d_head}
@@ -254,10 +254,13 @@ def _check_qkv(res: SiteCheck, name: str, site, got: torch.Tensor, proj_out, mod
         return
     start = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[which]
     contiguous = proj_out[..., start:start + H * D].reshape(B, S, H, D)
-    errs = []
-    for cand in (contiguous,) + ((proj_out.reshape(B, S, H, 3, D)[..., "qkv".index(which), :],)
-                                 if c.n_heads == c.n_kv_heads else ()):
-        errs.append(((got - cand).abs().max().item(), cand))
+    cands = [contiguous]
+    if c.n_heads == c.n_kv_heads:
+        cands.append(proj_out.reshape(B, S, H, 3, D)[..., "qkv".index(which), :])  # GPT-NeoX, per head
+        if width % 12 == 0:  # CodeGen: 4 model-parallel blocks, each [q | v | k]
+            blocks = proj_out.reshape(B, S, 4, 3, width // 12)[:, :, :, "qvk".index(which)]
+            cands.append(blocks.reshape(B, S, H, D))
+    errs = [((got - cand).abs().max().item(), cand) for cand in cands]
     res._record("qkv", name, got, min(errs, key=lambda e: e[0])[1])
 
 
