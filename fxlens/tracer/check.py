@@ -269,9 +269,15 @@ def _check_identities(res: SiteCheck, model, cache, config) -> None:
     from ..interventions.analysis import decompose_resid, head_results
 
     fam, n = model.family, model.cfg.n_layers
-    if fam.post_norm:
-        res._skip("decompose", "post-norm blocks: the residual is renormalised, no additive decomposition")
-        res._skip("heads", "post-norm blocks")
+    if fam.post_norm:  # norm(x + sublayer(x)): each sum is what the following norm reads
+        for L in range(n):
+            p = f"blocks.{L}"
+            if f"{p}.hook_resid_mid" in cache:
+                res._record("decompose", f"{p}.hook_resid_mid",
+                            cache[f"{p}.hook_resid_pre"] + cache[f"{p}.hook_attn_out"], cache[f"{p}.hook_resid_mid"])
+            res._record("decompose", f"{p}.hook_resid_post",
+                        cache[f"{p}.ln1.hook_normalized"] + cache[f"{p}.hook_mlp_out"], cache[f"{p}.hook_resid_post"])
+        res._skip("heads", "post-norm blocks: hook_attn_out is checked against the HF module instead")
         return
     parts = [cache["hook_embed"]] + ([cache["hook_pos_embed"]] if "hook_pos_embed" in cache else [])
     res._record("decompose", "hook_embed (+pos) vs blocks.0.hook_resid_pre",
