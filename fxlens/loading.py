@@ -54,7 +54,8 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         heads = graph_heads(gm, family) or tuple(hf_heads)  # the graph, not config attributes it may ignore
         sites = locate(gm, family, Shape(n_layers, d_model, *heads), found_by)
         nodes = {n.name: n for n in gm.graph.nodes}
-        ln_op = nodes[sites["blocks.0.ln1.hook_scale"].extra["op"]].target
+        scale = next((s for n, s in sites.items() if n.endswith(".hook_scale")), None)
+        ln_op = nodes[scale.extra["op"]].target if scale is not None else None
         extra = {"family": asdict(family), "heads": list(heads), "capture_seconds": cap.seconds,
                  "d_mlp": _d_mlp(config, nodes, sites),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}

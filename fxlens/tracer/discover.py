@@ -94,6 +94,11 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
     ln2 = next((p for p in pre if p != ln1 and fed_by(p, lambda u: is_op(u, _LINEAR_OPS) and not ix.inside(u, attn))),
                None)
     shared = ln2 is None and ln1 is not None and fed_by(ln1, lambda u: is_op(u, _LINEAR_OPS) and not ix.inside(u, attn))
+    if not pre and attn_post and mlp_post:  # x + norm(sublayer(x)) with no pre-norm (OLMo 2/3)
+        act = None if moe else _act(ix, nodes, attn, down, block, mt)
+        return _family(model, ix, gm, embed, layers, block, names, mt, ln1=None, ln2=None, attn=attn,
+                       attn_out=ix.path(o_proj), attn_post=attn_post, act=act, mlp_out=moe or ix.path(down),
+                       mlp_post=mlp_post, gated=_gated(ix, moe, down, act), moe=bool(moe))
     if ln1 is None or (ln2 is None and not shared):
         raise _fail(mt, f"the norms feeding attention and MLP in {block} (norm modules: {norms})")
     act = None if moe else _act(ix, nodes, attn, down, block, mt)

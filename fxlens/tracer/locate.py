@@ -138,7 +138,8 @@ class Locator:
         self.add(f"{p}.hook_resid_pre", pre, path)
         post_src = self.ix.inputs(f.block(L, f.ln2)) if f.post_norm and f.ln2 else self.outputs(path)
         self.add(f"{p}.hook_resid_post", self._hidden(post_src), path)
-        self.norm(f"{p}.ln1", f.block(L, f.ln1))
+        if f.ln1 is not None:
+            self.norm(f"{p}.ln1", f.block(L, f.ln1))
         if f.ln2 is not None:
             self.norm(f"{p}.ln2", f.block(L, f.ln2))
         attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
@@ -245,7 +246,7 @@ class Locator:
                 self.add(f"{p}.hook_rot_{which}", first, path, layout=self._head_layout(first, heads),
                          extra={"heads": heads})
 
-        ln = None if f.post_norm else f.block(L, f.ln1)
+        ln = None if f.post_norm or f.ln1 is None else f.block(L, f.ln1)
         for name, heads in (("hook_attn_in", self.s.n_heads), ("hook_q_input", self.s.n_heads),
                             ("hook_k_input", self.s.n_kv_heads), ("hook_v_input", self.s.n_kv_heads)):
             self.add(f"blocks.{L}.{name}", None, path, derive="split_input", extra={"ln": ln, "heads": heads})
