@@ -24,6 +24,10 @@ from torch import nn
 TOL = 1e-4  # relative to max(1, |reference|): fp32 tiny models agree to ~1e-6; a wrong tensor is off by ~1e-1
 
 
+_REQUIRED = ("resid", "embed", "attn_out", "mlp_out", "qkv", "pattern", "decompose")
+_MAY_SKIP = ("heads",)
+
+
 @dataclass
 class ClassResult:
     """Outcome for one site class: worst error over its sites, or why it was not checked."""
@@ -47,8 +51,9 @@ class SiteCheck:
 
     @property
     def ok(self) -> bool:
-        """Every checked class passed; skipped classes say why in ``skipped``."""
-        return all(c.ok or c.skipped for c in self.classes.values()) and any(c.ok for c in self.classes.values())
+        """Every class passed; only ``heads`` may be skipped, where branch outputs are renormalised."""
+        return (all(c.ok or (c.skipped and k in _MAY_SKIP) for k, c in self.classes.items())
+                and all(k in self.classes for k in _REQUIRED))
 
     @property
     def failed(self) -> dict[str, ClassResult]:
@@ -63,6 +68,8 @@ class SiteCheck:
     def summary(self) -> str:
         """``attn_out 3.1e-01 (blocks.0.hook_attn_out); ...`` for failures, ``ok`` otherwise."""
         bad = [f"{k} {c.max_err:.1e} ({c.worst})" for k, c in self.failed.items()]
+        bad += [f"{k} unchecked: {why}" for k, why in self.skipped.items() if k not in _MAY_SKIP]
+        bad += [f"{k} unchecked" for k in _REQUIRED if k not in self.classes]
         return "; ".join(bad) if bad else "ok"
 
     def _record(self, cls: str, name: str, got: torch.Tensor, ref: torch.Tensor) -> None:
@@ -92,32 +99,47 @@ def _first(x):
 
 
 class _Recorder:
-    """Forward (pre-)hooks on named HF modules; keeps the first call's input and output."""
+    """Forward hooks on named HF modules: each path gets its call's input and output.
+
+    A module object reached under several paths (a shared activation) is called once per
+    path, in layer order; the i-th call belongs to the i-th path. Paths whose call count
+    does not match are left out (no reference rather than a wrong one).
+    """
 
     def __init__(self, root: nn.Module, paths: set[str]):
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, object] = {}
-        self.calls: dict[str, int] = defaultdict(int)
+        self._calls: dict[int, list] = defaultdict(list)
+        self._paths: dict[int, list[str]] = defaultdict(list)
         self._handles = []
-        for p in paths:
+        for p in sorted(paths, key=_layer_key):
             try:
                 mod = root.get_submodule(p)
             except AttributeError:
                 continue
-            self._handles.append(mod.register_forward_hook(self._hook(p), with_kwargs=True))
+            if not self._paths[id(mod)]:
+                self._handles.append(mod.register_forward_hook(self._hook(id(mod)), with_kwargs=True))
+            self._paths[id(mod)].append(p)
 
-    def _hook(self, path: str):
+    def _hook(self, key: int):
         def fn(mod, args, kwargs, out):
-            self.calls[path] += 1
-            if self.calls[path] == 1:
-                x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-                self.inputs[path] = x
-                self.outputs[path] = out
+            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            self._calls[key].append((x, out))
         return fn
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        for key, paths in self._paths.items():
+            calls = self._calls.get(key, [])
+            if len(paths) > 1 and len(calls) != len(paths):
+                continue
+            for p, (x, out) in zip(paths, calls):
+                self.inputs[p], self.outputs[p] = x, out
+
+
+def _layer_key(path: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else -1 for t in path.split(".")), path
 
 
 def _multiplier(config, name: str) -> float:
@@ -317,14 +339,17 @@ def _check_pattern(res: SiteCheck, model, cache, ids, mask, rec_sdpa: _Recorder)
     rec = _Recorder(hf, set(paths))
     try:
         with torch.no_grad():
-            hf(input_ids=ids, attention_mask=mask)
+            out = hf(input_ids=ids, attention_mask=mask, output_attentions=True)
     finally:
         rec.close()
         if impl:
             hf.set_attn_implementation(impl)
+    returned = getattr(out, "attentions", None) or getattr(out, "decoder_attentions", None)
     for path, L in paths.items():
         out = rec.outputs.get(path)
         w = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+        if not isinstance(w, torch.Tensor) and returned is not None and len(returned) == n:
+            w = returned[L]
         name = f"blocks.{L}.attn.hook_pattern"
         if name in cache and isinstance(w, torch.Tensor):
             res._record("pattern", name, cache[name], w)

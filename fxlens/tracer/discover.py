@@ -23,6 +23,8 @@ _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default}
 _ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
             aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default}
 
+_MIXER_OPS = {aten.conv1d.default, aten.cumsum.default, aten.exp.default}
+
 
 class DiscoveryError(RuntimeError):
     """The model's structure could not be mapped to sites; the message says what was not found."""
@@ -49,6 +51,12 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
 
     nodes = ix.nodes(block)
     core = [n for n in nodes if is_op(n, SDPA_OPS)] or [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+    if not core:
+        mixers = sorted({ix.path(n) for n in nodes if is_op(n, _MIXER_OPS)})
+        raise DiscoveryError(
+            f"unsupported: model_type {mt!r} has no attention op in {block} (token mixer: "
+            f"{mixers[0] if mixers else 'unknown'}): state-space / recurrent / convolutional layers have no "
+            "attention sites, and hybrid stacks are not supported yet. Use HF forward hooks for this model.")
     if len(core) != 1:
         raise _fail(mt, f"exactly one attention op in {block} (found {len(core)})")
     attn = ix.path(core[0])
