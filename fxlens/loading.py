@@ -57,6 +57,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         scale = next((s for n, s in sites.items() if n.endswith(".hook_scale")), None)
         ln_op = nodes[scale.extra["op"]].target if scale is not None else None
         extra = {"family": asdict(family), "heads": list(heads), "capture_seconds": cap.seconds,
+                 "capture_mode": cap.mode,
                  "d_mlp": _d_mlp(config, nodes, sites),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
@@ -64,6 +65,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     cfg = _model_config(hf_model, config, family, sites, extra)
     model = HookedModel(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0)
     model.graph_from_cache = hit is not None
+    model.capture_mode = extra.get("capture_mode", "dynamic")  # "auto": exported with Dim.AUTO (warned)
     return model
 
 
