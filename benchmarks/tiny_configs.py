@@ -15,7 +15,7 @@ TINY = dict(
     intermediate_size=128, max_position_embeddings=128, head_dim=16, n_embd=64, n_layer=N_LAYERS, n_head=4,
     n_positions=128, n_inner=128, ffn_dim=128, num_layers=N_LAYERS, num_heads=4, d_model=64, n_layers=N_LAYERS,
     num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4,
-    n_shared_experts=1, shared_expert_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=16,
+    n_shared_experts=1, n_group=1, topk_group=1, shared_expert_intermediate_size=32, first_k_dense_replace=1, kv_lora_rank=16,
     q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, embedding_size=64, max_seq_len=128,
     decoder_layers=N_LAYERS, decoder_attention_heads=4, decoder_ffn_dim=128, encoder_layers=N_LAYERS,
     encoder_attention_heads=4, encoder_ffn_dim=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -66,6 +66,10 @@ def _kwargs(cfg) -> dict:
     """TINY restricted to ``cfg``'s fields, plus its per-layer lists shrunk to ``N_LAYERS``."""
     known = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}))
     out = {k: v for k, v in TINY.items() if k in known}
+    if "qk_rope_head_dim" in known and "head_dim" in out:  # MLA: head_dim is the rotary part (rotary tables)
+        out["head_dim"] = out["qk_rope_head_dim"]
+    if "kv_lora_rank" in known and "num_key_value_heads" in out:  # MLA keys have every head (repeat_kv = 1)
+        out["num_key_value_heads"] = out.get("num_attention_heads", 4)
     n = _n_layers(cfg)
     for k, v in cfg.to_dict().items():
         if n and isinstance(v, list) and len(v) == n and n != N_LAYERS and k not in out:

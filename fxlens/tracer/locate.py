@@ -143,10 +143,12 @@ class Locator:
         if f.ln2 is not None:
             self.norm(f"{p}.ln2", f.block(L, f.ln2))
         attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
-        mlp_out = self._branch_out(L, f.mlp_out, f.mlp_post_norm)
+        moe = self._moe(L)
+        mlp_rel = moe[len(f.block(L, "")) + 1:] if moe else f.mlp_out
+        mlp_out = self._branch_out(L, mlp_rel, f.mlp_post_norm)
         # extra["scale"]: the scalar the branch output was multiplied by (W_O / W_out must include it)
         self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out), extra={"scale": _scale_of(attn_out)})
-        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, f.mlp_out), extra={"scale": _scale_of(mlp_out)})
+        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, mlp_rel), extra={"scale": _scale_of(mlp_out)})
         if not f.parallel and pre is not None and attn_out is not None:
             mid = next((u for u in attn_out.users if is_op(u, {aten.add.Tensor, operator.add})
                         and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
@@ -174,14 +176,27 @@ class Locator:
             out = user
         return out
 
+    def _moe(self, L: int) -> str | None:
+        """The mixture-of-experts module of block ``L``, if its MLP is one.
+
+        Per layer: DeepSeek-style stacks keep the first ``first_k_dense_replace`` MLPs dense, so
+        a family discovered on a dense block 0 still has MoE blocks later.
+        """
+        f = self.f
+        if f.moe:
+            return f.block(L, f.mlp_out)
+        top = f.block(L, f.mlp_out.split(".")[0])
+        return top if any(is_op(n, {aten.topk.default}) for n in self.ix.nodes(top)) else None
+
     def mlp(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}.mlp"
-        if f.moe:
-            topk = next((n for n in self.ix.nodes(f.block(L, f.mlp_out)) if is_op(n, {aten.topk.default})), None)
+        moe = self._moe(L)
+        if moe:
+            topk = next((n for n in self.ix.nodes(moe) if is_op(n, {aten.topk.default})), None)
             logits = topk.args[0] if topk is not None else None
             while logits is not None and not is_op(logits, {aten.linear.default, aten.mm.default}):
                 logits = logits.args[0] if logits.args and isinstance(logits.args[0], fx.Node) else None
-            self.add(f"{p}.hook_router_logits", logits, f.block(L, f.mlp_out))
+            self.add(f"{p}.hook_router_logits", logits, moe)
             return
         act, down = f.block(L, f.mlp_act), f.block(L, f.mlp_out)
         act_in = self.ix.inputs(act)
