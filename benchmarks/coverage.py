@@ -10,6 +10,7 @@ caching every site and an identity hook on every site leave the output unchanged
     python benchmarks/coverage.py                 # all families (~15-25 min on 2 cores)
     python benchmarks/coverage.py llama gpt2      # some
     python benchmarks/coverage.py --isolate       # one subprocess per family (slower, crash-proof)
+    python benchmarks/coverage.py --merge bart    # rerun some and update their rows in docs/coverage.*
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
         "d_model 64), traced with its rule or by discovery, and checked against HF in fp32.", "",
         f"transformers {transformers.__version__}, torch {torch.__version__}; {len(rows)} families, "
         f"**{n_green} green** ({by_how['rule']} by rule, {by_how['discovery']} by discovery alone); "
-        f"run took {seconds / 60:.1f} min."
+        f"families took {seconds / 60:.1f} min in all."
         + ("" if len(rows) == total else f" **Partial: {len(rows)} of {total} families checked.**"), "",
         "Columns: captured (torch.export succeeded), sites (every site placed), fidelity (max-abs no-hook "
         "output vs HF, green ≤ 1e-5), cache-all / hooks-all (max-abs with every site cached / an identity "
@@ -186,18 +187,24 @@ def main(argv: list[str]) -> int:
         return 0
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    isolate = "--isolate" in argv
-    argv = [a for a in argv if a != "--isolate"]
-    types = argv or sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(ENCODERS))
-    t0, rows = time.perf_counter(), []
+    isolate, merge = "--isolate" in argv, "--merge" in argv
+    argv = [a for a in argv if a not in ("--isolate", "--merge")]
+    every = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(ENCODERS))
+    types = argv or every
+    out_json, out_md = ROOT / "docs" / "coverage.json", ROOT / "docs" / "coverage.md"
+    old = {r["model_type"]: r for r in json.loads(out_json.read_text())} if merge and out_json.exists() else {}
+    rows = []
     for i, mt in enumerate(types, 1):
+        t = time.perf_counter()
         row = _run_subprocess(mt) if isolate else _run_inline(mt)
+        row["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(row)
-        print(f"[{i}/{len(types)}] {mt:28s} {'green' if green(row) else 'FAIL ' + row['reason'][:110]}", flush=True)
-        if not argv:  # rewritten after every family, so an interrupted run still leaves its rows
-            (ROOT / "docs" / "coverage.json").write_text(json.dumps(rows, indent=1) + "\n")
-            (ROOT / "docs" / "coverage.md").write_text(
-                write_markdown(rows, time.perf_counter() - t0, len(types)))
+        why = row["reason"] or row.get("values") or ""
+        print(f"[{i}/{len(types)}] {mt:28s} {'green' if green(row) else 'FAIL ' + why[:110]}", flush=True)
+        if not argv or merge:  # rewritten after every family, so an interrupted run still leaves its rows
+            table = list({**old, **{r["model_type"]: r for r in rows}}.values())
+            out_json.write_text(json.dumps(table, indent=1) + "\n")
+            out_md.write_text(write_markdown(table, sum(r.get("seconds", 0) for r in table), len(every)))
     print(f"{sum(map(green, rows))}/{len(rows)} green")
     return 0
 
