@@ -43,7 +43,7 @@ FIXES: dict[str, dict] = {
     "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"]),
     "dots3_note": dict(num_key_value_heads=4, adapter_in_dim=64, adapter_input_size=64, adapter_out_dim=64),
     # DbrxAttentionConfig lacks the rope_theta its modeling reads; MoE sizes live in ffn_config
-    "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 1e4},
+    "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},  # clamp(None, None) fails
                  ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}),
 }
 

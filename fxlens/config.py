@@ -42,6 +42,9 @@ def hf_dims(config) -> tuple[int, int, int, int, int]:
     (``locate.graph_heads``) and uses these only where the graph has no attention op.
     Families without attention heads (state-space models) get ``n_heads = 0``.
     """
+    if not isinstance(getattr(config, "num_hidden_layers", None), int):
+        raise ValueError(f"unsupported: {type(config).__name__} has no single num_hidden_layers (a model of several "
+                         "stacks, e.g. BLT's byte encoder / global / decoder); fxlens instruments one block stack")
     n_layers = config.num_hidden_layers
     d_model = config.hidden_size
     n_heads = getattr(config, "num_attention_heads", None) or 0

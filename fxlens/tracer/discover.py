@@ -21,7 +21,8 @@ aten = torch.ops.aten
 _NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default}
 _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default}
 _ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
-            aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default}
+            aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default,
+            aten.expm1.default, aten.softplus.default}  # xIELU (Apertus)
 
 _MIXER_OPS = {aten.conv1d.default, aten.cumsum.default, aten.exp.default}
 
