@@ -11,6 +11,8 @@ caching every site and an identity hook on every site leave the output unchanged
     python benchmarks/coverage.py llama gpt2      # some
     python benchmarks/coverage.py --isolate       # one subprocess per family (slower, crash-proof)
     python benchmarks/coverage.py --merge bart    # rerun some and update their rows in docs/coverage.*
+    python benchmarks/coverage.py --shard=1/2 & python benchmarks/coverage.py --shard=2/2; \
+        python benchmarks/coverage.py --merge     # two halves in parallel, then the table
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tiny_configs import causal_model, tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert", "albert", "deberta-v2"]
-TIMEOUT_S = 180
+TIMEOUT_S = 150
 
 
 def tiny_model(model_type: str):
@@ -181,6 +183,13 @@ def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(old: dict, rows: list[dict], out_json: Path, out_md: Path | None, total: int) -> None:
+    table = sorted({**old, **{r["model_type"]: r for r in rows}}.values(), key=lambda r: r["model_type"])
+    out_json.write_text(json.dumps(table, indent=1) + "\n")
+    if out_md is not None:
+        out_md.write_text(write_markdown(table, sum(r.get("seconds", 0) for r in table), total))
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--one"]:
         print(json.dumps(check_one(argv[1])))
@@ -188,11 +197,17 @@ def main(argv: list[str]) -> int:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     isolate, merge = "--isolate" in argv, "--merge" in argv
-    argv = [a for a in argv if a not in ("--isolate", "--merge")]
+    shard = next((a.split("=", 1)[1] for a in argv if a.startswith("--shard=")), None)
+    argv = [a for a in argv if a not in ("--isolate", "--merge") and not a.startswith("--shard=")]
     every = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(ENCODERS))
-    types = argv or every
+    types = argv or ([] if merge else every)  # --merge alone: rebuild the table from the stored rows
     out_json, out_md = ROOT / "docs" / "coverage.json", ROOT / "docs" / "coverage.md"
+    if shard:  # "--shard=1/2": every 2nd family from the 1st, rows to docs/coverage.shard1.json, merged after
+        i, n = map(int, shard.split("/"))
+        types, out_json, merge = types[i - 1::n], out_json.with_suffix(f".shard{i}.json"), True
     old = {r["model_type"]: r for r in json.loads(out_json.read_text())} if merge and out_json.exists() else {}
+    for extra in sorted(out_json.parent.glob("coverage.shard*.json")) if not shard else []:
+        old.update({r["model_type"]: r for r in json.loads(extra.read_text())})  # finished shards
     rows = []
     for i, mt in enumerate(types, 1):
         t = time.perf_counter()
@@ -202,9 +217,9 @@ def main(argv: list[str]) -> int:
         why = row["reason"] or row.get("values") or ""
         print(f"[{i}/{len(types)}] {mt:28s} {'green' if green(row) else 'FAIL ' + why[:110]}", flush=True)
         if not argv or merge:  # rewritten after every family, so an interrupted run still leaves its rows
-            table = list({**old, **{r["model_type"]: r for r in rows}}.values())
-            out_json.write_text(json.dumps(table, indent=1) + "\n")
-            out_md.write_text(write_markdown(table, sum(r.get("seconds", 0) for r in table), len(every)))
+            _write(old, rows, out_json, None if shard else out_md, len(every))
+    if merge and not rows:
+        _write(old, rows, out_json, out_md, len(every))
     print(f"{sum(map(green, rows))}/{len(rows)} green")
     return 0
 
