@@ -96,6 +96,9 @@ DISCOVERED = {
     "mpt": ("mpt", transformers.AutoModelForCausalLM, _MPT),  # ALiBi; seq constraint -> Dim.AUTO
     "granitemoe": ("granitemoe", transformers.AutoModelForCausalLM,  # forward takes no use_cache; MoE
                    dict(_LLAMA, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0)),
+    "glm4_moe": ("glm4_moe", transformers.AutoModelForCausalLM,  # dense block 0, MoE block 1 (per-layer MoE)
+                 dict(_LLAMA, head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)),
     "openai-gpt": ("openai-gpt", transformers.AutoModelForCausalLM,  # post-norm, shared activation module
                    dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
 }
@@ -113,6 +116,9 @@ def test_discovered_family_site_values(family_id):
         assert set(res.failed) <= {"heads"}, res.summary()
         return
     assert res.ok, res.summary() + f" skipped={res.skipped}"
+    if family_id == "glm4_moe":
+        assert "blocks.0.mlp.hook_pre" in m.sites and "blocks.1.mlp.hook_router_logits" in m.sites
+        assert "blocks.1.mlp.hook_pre" not in m.sites
 
 
 def test_mpt_capture_mode_is_reported():
