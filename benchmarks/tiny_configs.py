@@ -27,7 +27,7 @@ TINY = dict(
 
 #: model_type -> extra config kwargs, each satisfying a validator or a modeling assumption.
 FIXES: dict[str, dict] = {
-    "dots3_note_text": dict(num_key_value_heads=4),
+    "dots3_note_text": dict(num_key_value_heads=4, head_dim=16),
     "mamba2": dict(num_heads=8),  # hidden_size * expand (128) == num_heads * head_dim (8 * 16)
     "zaya": dict(num_experts_per_tok=1),  # "supports num_experts_per_tok=1 only"
     "reformer": dict(is_decoder=True, axial_pos_shape=[8, 16], axial_pos_embds_dim=[32, 32]),
@@ -41,7 +41,8 @@ FIXES: dict[str, dict] = {
     "zamba2": dict(hybrid_layer_ids=[1]),
     # one hybrid layer leaves tie_weights_keys nothing to tie: keep two
     "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"]),
-    "dots3_note": dict(num_key_value_heads=4, adapter_in_dim=64, adapter_input_size=64, adapter_out_dim=64),
+    "dots3_note": dict(num_key_value_heads=4, adapter_in_dim=64, adapter_input_size=64, adapter_out_dim=64,
+                       head_dim=16),  # SWA head_dim == qk_nope_head_dim + qk_rope_head_dim
     # DbrxAttentionConfig lacks the rope_theta its modeling reads; MoE sizes live in ffn_config
     "dbrx": dict(attn_config={"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},  # clamp(None, None) fails
                  ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}),
@@ -67,8 +68,8 @@ def _kwargs(cfg) -> dict:
     """TINY restricted to ``cfg``'s fields, plus its per-layer lists shrunk to ``N_LAYERS``."""
     known = set(cfg.to_dict()) | set(getattr(cfg, "attribute_map", {}))
     out = {k: v for k, v in TINY.items() if k in known}
-    if "qk_rope_head_dim" in known and "head_dim" in out:  # MLA: head_dim is the rotary part (rotary tables)
-        out["head_dim"] = out["qk_rope_head_dim"]
+    if "qk_rope_head_dim" in known:  # MLA: the config derives head_dim from its nope / rope parts
+        out.pop("head_dim", None)
     if "kv_lora_rank" in known and "num_key_value_heads" in out:  # MLA keys have every head (repeat_kv = 1)
         out["num_key_value_heads"] = out.get("num_attention_heads", 4)
     n = _n_layers(cfg)
