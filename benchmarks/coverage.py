@@ -150,6 +150,7 @@ def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
     import transformers
 
     n_green = sum(map(green, rows))
+    checked = sum(1 for r in rows if "values_ok" in r)
     by_how = {h: sum(1 for r in rows if green(r) and r["how"] == h) for h in ("rule", "discovery")}
     lines = [
         "# Coverage matrix", "",
@@ -159,7 +160,8 @@ def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
         f"transformers {transformers.__version__}, torch {torch.__version__}; {len(rows)} families, "
         f"**{n_green} green** ({by_how['rule']} by rule, {by_how['discovery']} by discovery alone); "
         f"families took {seconds / 60:.1f} min in all."
-        + ("" if len(rows) == total else f" **Partial: {len(rows)} of {total} families checked.**"), "",
+        + ("" if checked == total else f" **Partial: {checked} of {total} families checked with this "
+           "harness; the other rows are from an older run and are not counted green.**"), "",
         "Columns: captured (torch.export succeeded), sites (every site placed), fidelity (max-abs no-hook "
         "output vs HF, green ≤ 1e-5), cache-all / hooks-all (max-abs with every site cached / an identity "
         "hook on every site, green ≤ 1e-4), site values (`fxlens.tracer.check.check_sites`: every site class "
@@ -174,8 +176,12 @@ def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
     for r in sorted(rows, key=lambda r: (not green(r), r["model_type"])):
         sites = "–" if r["sites"] is None else ("yes" if r["sites"] else "no")
         values = "–" if r.get("values_ok") is None else (r.get("values") or "").replace("|", "/")
-        status = "**green**" if green(r) else (r["reason"] or ("wrong site values" if r.get("values_ok") is False
-                                                              else "outputs differ from HF"))
+        if "values_ok" not in r:  # a row from an older run, before site values were checked
+            status = "not rerun with the site-value check" + (f" (older run: {r['reason'][:120]})" if r["reason"]
+                                                              else " (older run: outputs equal HF)")
+        else:
+            status = "**green**" if green(r) else (r["reason"] or ("wrong site values" if r["values_ok"] is False
+                                                                  else "outputs differ from HF"))
         cap = "–" if r.get("capture_s") is None else f"{r['capture_s']:.1f}"
         lines.append(f"| {r['model_type']} | {r['how']} | {'yes' if r['captured'] else 'no'} | {sites} | "
                      f"{_fmt(r['fidelity'])} | {_fmt(r['cache_all'])} | {_fmt(r['hooks_all'])} | {values} | {cap} "
