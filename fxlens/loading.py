@@ -22,7 +22,7 @@ from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
 from .tracer.discover import discover
 from .tracer.families import RULES, Family
-from .tracer.locate import Shape, locate
+from .tracer.locate import Shape, graph_heads, locate
 from .tracer.passes.positions import mask_positions
 
 
@@ -52,16 +52,19 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         gm, output, sites, extra = hit
         family = Family(**{k: tuple(v) if k == "model_types" else v for k, v in extra["family"].items()})
     else:
-        n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+        n_layers, d_model, *hf_heads = hf_dims(config)
         cap = capture(hf_model)
         gm, output = cap.gm, cap.output
         found_by = "rule"
         if family is None:
             family, found_by = discover(hf_model, gm, n_layers), "discovery"
-        sites = locate(gm, family, Shape(n_layers, d_model, n_heads, n_kv, d_head), found_by)
+        heads = graph_heads(gm, family) or tuple(hf_heads)  # the graph, not config attributes it may ignore
+        sites = locate(gm, family, Shape(n_layers, d_model, *heads), found_by)
         nodes = {n.name: n for n in gm.graph.nodes}
-        ln_op = nodes[sites["blocks.0.ln1.hook_scale"].extra["op"]].target
-        extra = {"family": asdict(family),
+        scale = next((s for n, s in sites.items() if n.endswith(".hook_scale")), None)
+        ln_op = nodes[scale.extra["op"]].target if scale is not None else None
+        extra = {"family": asdict(family), "heads": list(heads), "capture_seconds": cap.seconds,
+                 "capture_mode": cap.mode,
                  "d_mlp": _d_mlp(config, nodes, sites),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
@@ -76,6 +79,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
     model = model_class(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0,
                         recapture=recapture)
     model.graph_from_cache = hit is not None
+    model.capture_mode = extra.get("capture_mode", "dynamic")  # "auto": exported with Dim.AUTO (warned)
     return model
 
 
@@ -87,7 +91,8 @@ def _d_mlp(config, nodes: dict, sites: dict) -> int:
 
 
 def _model_config(hf_model, config, family, sites, extra: dict) -> ModelConfig:
-    n_layers, d_model, n_heads, n_kv, d_head = hf_dims(config)
+    n_layers, d_model, *hf_heads = hf_dims(config)
+    n_heads, n_kv, d_head = extra.get("heads") or hf_heads
     param = next(hf_model.parameters())
     rotary = "blocks.0.attn.hook_rot_q" in sites
     return ModelConfig(

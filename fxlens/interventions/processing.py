@@ -112,9 +112,9 @@ def norm_readers(model, site: str) -> list[str]:
 
     Follows reshapes/splits forward from the norm's output node; any other reader raises.
     """
-    gm = model._base
+    gm = model.base_graph
     ix = ModuleIndex(gm.graph)
-    node = next(n for n in gm.graph.nodes if n.name == model._sites[site].node)
+    node = next(n for n in gm.graph.nodes if n.name == model.sites[site].node)
     readers: dict[str, None] = {}
     todo: list[fx.Node] = [node]
     while todo:
@@ -138,7 +138,7 @@ def norm_readers(model, site: str) -> list[str]:
 
 def _norm_sites(model) -> list[str]:
     names = [f"blocks.{L}.{ln}.hook_normalized" for L in range(model.cfg.n_layers) for ln in ("ln1", "ln2")]
-    return [n for n in (*names, "ln_final.hook_normalized") if n in model._sites]
+    return [n for n in (*names, "ln_final.hook_normalized") if n in model.sites]
 
 
 def _fold_norms(model, hf: nn.Module) -> None:
@@ -146,7 +146,7 @@ def _fold_norms(model, hf: nn.Module) -> None:
     for site in _norm_sites(model):
         if site == "ln_final.hook_normalized" and model.output_kind != "logits":
             continue  # no unembedding to fold into: the final norm stays as it is
-        norm = hf.get_submodule(model._sites[site].module)
+        norm = hf.get_submodule(model.sites[site].module)
         w, b = norm_affine(norm, model.cfg.d_model, centre)
         for path in norm_readers(model, site):
             lin = hf.get_submodule(path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +26,14 @@ class Captured:
         gm: the graph module; its parameters are the HF model's own tensors.
         output: what the single output is, ``"logits"`` or ``"hidden"``.
         seconds: wall time spent in ``torch.export``.
+        mode: ``"dynamic"`` (named batch/seq dims) or ``"auto"`` (``Dim.AUTO``: the family's
+            code constrains the sequence length, e.g. ``seq > 1``, and export inferred the range).
     """
 
     gm: fx.GraphModule
     output: str
     seconds: float
+    mode: str = "dynamic"
 
 
 def _example_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +47,11 @@ def _example_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tenso
 def capture(model: nn.Module) -> Captured:
     """Export ``model`` with dynamic batch and sequence and normalise the graph.
 
+    Only arguments ``forward`` names are passed (``use_cache=False`` where it is one; else
+    ``config.use_cache`` is off while exporting). When named dims violate a constraint the
+    family's code puts on the length, export is retried with ``Dim.AUTO`` (``mode="auto"``,
+    with a warning); a graph specialised to one length is refused.
+
     The normalised graph takes ``(input_ids, attention_mask)`` and returns one tensor:
     logits for ``*ForCausalLM`` models, the last hidden state for base models.
     Raises ``CaptureError`` with the reason when export fails.
@@ -49,24 +59,70 @@ def capture(model: nn.Module) -> Captured:
     device = next(model.parameters()).device
     ids, mask = _example_inputs(model, device)
     n_ctx = _n_ctx(model.config)
-    seq = Dim("seq", max=n_ctx) if n_ctx else Dim("seq")
+    params = inspect.signature(model.forward).parameters
     kwargs: dict = {"input_ids": ids, "attention_mask": mask}
-    shapes: dict = {"input_ids": {0: Dim("batch"), 1: seq}, "attention_mask": {0: Dim("batch"), 1: seq}}
-    if getattr(model.config, "use_cache", None) is not None or hasattr(model, "generate"):
-        kwargs["use_cache"], shapes["use_cache"] = False, None
+    cache_arg = "use_cache" in params and (getattr(model.config, "use_cache", None) is not None
+                                          or hasattr(model, "generate"))
+    if cache_arg:
+        kwargs["use_cache"] = False
     t0 = time.perf_counter()
+    ep, mode, errors = None, "dynamic", []
+    for mode in ("dynamic", "auto"):
+        try:
+            ep = _export(model, kwargs, _shapes(mode, n_ctx, cache_arg))
+            break
+        except Exception as e:  # noqa: BLE001 - retried or re-raised with context below
+            errors.append(f"{mode}: {type(e).__name__}: {e}".replace("\n", " ")[:400])
+            if "Constraints violated" not in str(e) and "speciali" not in str(e):
+                break  # not a shape-constraint failure: Dim.AUTO would fail the same way
+    if ep is None:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: " + " | ".join(errors) + "\n"
+            "Try: attn_implementation='sdpa' or 'eager', fp32 weights, and a transformers "
+            "version that supports torch.export for this family.")
+    seconds = time.perf_counter() - t0
+    if mode == "auto":
+        _check_dynamic(ep, type(model).__name__)
+        warnings.warn(f"{type(model).__name__}: captured with Dim.AUTO (its code constrains the sequence length; "
+                      f"named dynamic dims failed: {errors[0][:200]})", stacklevel=2)
+    gm, output = _normalise(ep.module())
+    return Captured(gm, output, seconds, mode)
+
+
+def _shapes(mode: str, n_ctx: int | None, cache_arg: bool) -> dict:
+    if mode == "auto":
+        dims = {0: Dim.AUTO, 1: Dim.AUTO}
+        shapes: dict = {"input_ids": dims, "attention_mask": dims}
+    else:
+        seq = Dim("seq", max=n_ctx) if n_ctx else Dim("seq")
+        shapes = {"input_ids": {0: Dim("batch"), 1: seq}, "attention_mask": {0: Dim("batch"), 1: seq}}
+    if cache_arg:
+        shapes["use_cache"] = None
+    return shapes
+
+
+def _export(model: nn.Module, kwargs: dict, shapes: dict):
+    """``torch.export`` under ``no_grad``; ``config.use_cache`` off while exporting when forward has no such arg."""
+    cfg, old = model.config, getattr(model.config, "use_cache", None)
+    if "use_cache" not in kwargs and old:
+        cfg.use_cache = False
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
+            return torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes, strict=False)
+    finally:
+        if "use_cache" not in kwargs and old:
+            cfg.use_cache = old
+
+
+def _check_dynamic(ep, name: str) -> None:
+    """Refuse a graph whose batch or sequence length export specialised to a constant."""
+    ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+    static = [i for i, d in enumerate(ph.meta["val"].shape) if isinstance(d, int)]
+    if static:
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {e}\n"
-            "Try: attn_implementation='sdpa' or 'eager', fp32 weights, and a transformers "
-            "version that supports torch.export for this family."
-        ) from e
-    seconds = time.perf_counter() - t0
-    gm, output = _normalise(ep.module())
-    return Captured(gm, output, seconds)
+            f"torch.export specialised {name}'s input dims {static} to constants (shape "
+            f"{tuple(ph.meta['val'].shape)}): the family's code branches on the sequence length, so one graph "
+            "cannot serve every length. Per-length capture is not supported yet; use HF hooks for this family.")
 
 
 def _n_ctx(config) -> int | None:

@@ -15,13 +15,16 @@ import torch
 from torch import fx, nn
 
 from .families.base import Family
-from .graph import SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, follow_identity, is_op
+from .graph import ADD_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, follow_identity, is_op
 
 aten = torch.ops.aten
 _NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default}
 _LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default}
 _ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
-            aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default}
+            aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default,
+            aten.expm1.default, aten.softplus.default}  # xIELU (Apertus)
+
+_MIXER_OPS = {aten.conv1d.default, aten.cumsum.default, aten.exp.default}
 
 
 class DiscoveryError(RuntimeError):
@@ -49,6 +52,12 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
 
     nodes = ix.nodes(block)
     core = [n for n in nodes if is_op(n, SDPA_OPS)] or [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+    if not core:
+        mixers = sorted({ix.path(n) for n in nodes if is_op(n, _MIXER_OPS)})
+        raise DiscoveryError(
+            f"unsupported: model_type {mt!r} has no attention op in {block} (token mixer: "
+            f"{mixers[0] if mixers else 'unknown'}): state-space / recurrent / convolutional layers have no "
+            "attention sites, and hybrid stacks are not supported yet. Use HF forward hooks for this model.")
     if len(core) != 1:
         raise _fail(mt, f"exactly one attention op in {block} (found {len(core)})")
     attn = ix.path(core[0])
@@ -75,33 +84,66 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
     def fed_by(norm: str, pred) -> bool:
         return any(pred(u) for o in ix.outputs(norm) for u in _through_shapes(o))
 
+    def reads_sum(norm: str, anchor: fx.Node) -> bool:  # does ``norm`` read ``anchor + residual``?
+        want = follow_identity(anchor)
+        return any(is_op(a, ADD_OPS) and any(isinstance(x, fx.Node) and follow_identity(x) is want for x in a.args)
+                   for a in ix.inputs(norm))
+
+    post1 = next((p for p in norms if reads_sum(p, _module_out(ix, o_proj))), None)
+    post2 = next((p for p in norms if p != post1 and reads_sum(p, _module_out(ix, down))), None)
     attn_post = next((p for p in norms if reads(p, _module_out(ix, o_proj))), None)
+    if post1 and post2 and attn_post is None:  # post-norm block (BERT, BART): norm(x + sublayer(x))
+        act = None if moe else _act(ix, nodes, attn, down, block, mt)
+        return _family(model, ix, gm, embed, layers, block, names, mt, ln1=post1, ln2=post2, attn=attn,
+                       attn_out=ix.path(o_proj), act=act, mlp_out=moe or ix.path(down), post_norm=True,
+                       gated=_gated(ix, moe, down, act), moe=bool(moe))
     mlp_post = next((p for p in norms if reads(p, _module_out(ix, down))), None)
     pre = [p for p in norms if p not in (attn_post, mlp_post)]
     ln1 = next((p for p in pre if fed_by(p, lambda u: ix.inside(u, attn))), None)
     ln2 = next((p for p in pre if p != ln1 and fed_by(p, lambda u: is_op(u, _LINEAR_OPS) and not ix.inside(u, attn))),
                None)
     shared = ln2 is None and ln1 is not None and fed_by(ln1, lambda u: is_op(u, _LINEAR_OPS) and not ix.inside(u, attn))
+    if not pre and attn_post and mlp_post:  # x + norm(sublayer(x)) with no pre-norm (OLMo 2/3)
+        act = None if moe else _act(ix, nodes, attn, down, block, mt)
+        return _family(model, ix, gm, embed, layers, block, names, mt, ln1=None, ln2=None, attn=attn,
+                       attn_out=ix.path(o_proj), attn_post=attn_post, act=act, mlp_out=moe or ix.path(down),
+                       mlp_post=mlp_post, gated=_gated(ix, moe, down, act), moe=bool(moe))
     if ln1 is None or (ln2 is None and not shared):
         raise _fail(mt, f"the norms feeding attention and MLP in {block} (norm modules: {norms})")
-    act_nodes = [n for n in nodes if is_op(n, _ACT_OPS) and not ix.inside(n, attn)]
-    act = ix.path(act_nodes[0]) if act_nodes else None
-    if moe:
-        act = None
-    elif act is None or act in (ix.path(down), block) or act == _parent(ix.path(down)):
-        raise _fail(mt, f"an MLP activation module in {block} (activation ops: {[n.name for n in act_nodes]})")
+    act = None if moe else _act(ix, nodes, attn, down, block, mt)
     layer_in = [a for a in ix.inputs(block) if _is_hidden(a, model)]
     parallel = shared or (bool(layer_in) and reads(ln2, layer_in[0]) and reads(ln1, layer_in[0]))
+    return _family(model, ix, gm, embed, layers, block, names, mt, ln1=ln1, ln2=ln2, attn=attn,
+                   attn_out=ix.path(o_proj), attn_post=attn_post, act=act, mlp_out=moe or ix.path(down),
+                   mlp_post=mlp_post, parallel=parallel, gated=_gated(ix, moe, down, act), moe=bool(moe))
+
+
+def _act(ix: ModuleIndex, nodes: list, attn: str, down: fx.Node, block: str, mt: str) -> str:
+    """The MLP activation module: the first module outside attention holding a nonlinearity."""
+    act_nodes = [n for n in nodes if is_op(n, _ACT_OPS) and not ix.inside(n, attn)]
+    act = ix.path(act_nodes[0]) if act_nodes else None
+    if act is None or act in (ix.path(down), block) or act == _parent(ix.path(down)):
+        raise _fail(mt, f"an MLP activation module in {block} (activation ops: {[n.name for n in act_nodes]})")
+    return act
+
+
+def _gated(ix: ModuleIndex, moe: str | None, down: fx.Node, act: str | None) -> bool:
+    """``act(gate) * up`` (a product outside the activation module) feeds the down projection."""
     down_in = [] if moe else ix.inputs(ix.path(down))
-    gated = (bool(down_in) and is_op(down_in[0], {aten.mul.Tensor}) and not ix.inside(down_in[0], act)
-             and all(isinstance(a, fx.Node) for a in down_in[0].args))
+    return (bool(down_in) and is_op(down_in[0], {aten.mul.Tensor}) and not ix.inside(down_in[0], act)
+            and all(isinstance(a, fx.Node) for a in down_in[0].args))
+
+
+def _family(model, ix, gm, embed, layers, block, names, mt, *, ln1, ln2, attn, attn_out, act, mlp_out,
+            attn_post=None, mlp_post=None, parallel=False, post_norm=False, gated=False, moe=False) -> Family:
     rel = lambda p: p[len(block) + 1:] if p else None  # noqa: E731
     return Family(
         name=mt, model_types=(mt,), embed=embed, layers=layers,
-        ln_final=_final_norm(ix, gm, layers), pos_embed=_pos_embed(model, ix, embed, layers, names),
-        ln1=rel(ln1), ln2=rel(ln2), attn=rel(attn), attn_out=rel(ix.path(o_proj)),
-        attn_post_norm=rel(attn_post), mlp_act=rel(act), mlp_out=rel(moe or ix.path(down)),
-        mlp_post_norm=rel(mlp_post), parallel=parallel, gated=gated, moe=bool(moe),
+        ln_final=None if post_norm else _final_norm(ix, gm, layers),
+        pos_embed=_pos_embed(model, ix, embed, layers, names),
+        ln1=rel(ln1), ln2=rel(ln2), attn=rel(attn), attn_out=rel(attn_out), attn_post_norm=rel(attn_post),
+        mlp_act=rel(act), mlp_out=rel(mlp_out), mlp_post_norm=rel(mlp_post), parallel=parallel,
+        post_norm=post_norm, gated=gated, moe=moe,
     )
 
 

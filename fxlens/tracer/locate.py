@@ -103,7 +103,8 @@ class Locator:
     # -- top level ------------------------------------------------------------
     def run(self) -> dict[str, Site]:
         f = self.f
-        self.add("hook_embed", self._hidden(self.outputs(f.embed)), f.embed)
+        # what the embedding adds to the residual: after scalar scales (Granite's embedding_multiplier)
+        self.add("hook_embed", self._through_scales(self._hidden(self.outputs(f.embed))), f.embed)
         if f.pos_embed:
             self.add("hook_pos_embed", self._hidden(self.outputs(f.pos_embed)), f.pos_embed)
         for layer in range(self.s.n_layers):
@@ -137,13 +138,17 @@ class Locator:
         self.add(f"{p}.hook_resid_pre", pre, path)
         post_src = self.ix.inputs(f.block(L, f.ln2)) if f.post_norm and f.ln2 else self.outputs(path)
         self.add(f"{p}.hook_resid_post", self._hidden(post_src), path)
-        self.norm(f"{p}.ln1", f.block(L, f.ln1))
+        if f.ln1 is not None:
+            self.norm(f"{p}.ln1", f.block(L, f.ln1))
         if f.ln2 is not None:
             self.norm(f"{p}.ln2", f.block(L, f.ln2))
         attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
-        mlp_out = self._branch_out(L, f.mlp_out, f.mlp_post_norm)
-        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out))
-        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, f.mlp_out))
+        moe = self._moe(L)
+        mlp_rel = moe[len(f.block(L, "")) + 1:] if moe else f.mlp_out
+        mlp_out = self._branch_out(L, mlp_rel, f.mlp_post_norm)
+        # extra["scale"]: the scalar the branch output was multiplied by (W_O / W_out must include it)
+        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out), extra={"scale": _scale_of(attn_out)})
+        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, mlp_rel), extra={"scale": _scale_of(mlp_out)})
         if not f.parallel and pre is not None and attn_out is not None:
             mid = next((u for u in attn_out.users if is_op(u, {aten.add.Tensor, operator.add})
                         and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
@@ -159,8 +164,11 @@ class Locator:
     def _branch_out(self, L: int, proj: str, post_norm: str | None) -> fx.Node | None:
         """What the branch adds to the residual: the module output, after identity ops and
         scalar scales (Granite's ``residual_multiplier``)."""
-        mod = self.f.block(L, post_norm or proj)
-        out = self._hidden(self.outputs(mod))
+        return self._through_scales(self._hidden(self.outputs(self.f.block(L, post_norm or proj))))
+
+    @staticmethod
+    def _through_scales(out: fx.Node | None) -> fx.Node | None:
+        """Follow a single chain of identity ops and scalar multiplies (documented multipliers)."""
         while out is not None and len(out.users) == 1:
             (user,) = out.users
             if not ((is_op(user, IDENTITY_OPS) or _is_scalar_scale(user)) and user.args[0] is out):
@@ -168,14 +176,27 @@ class Locator:
             out = user
         return out
 
+    def _moe(self, L: int) -> str | None:
+        """The mixture-of-experts module of block ``L``, if its MLP is one.
+
+        Per layer: DeepSeek-style stacks keep the first ``first_k_dense_replace`` MLPs dense, so
+        a family discovered on a dense block 0 still has MoE blocks later.
+        """
+        f = self.f
+        if f.moe:
+            return f.block(L, f.mlp_out)
+        top = f.block(L, f.mlp_out.split(".")[0])
+        return top if any(is_op(n, {aten.topk.default}) for n in self.ix.nodes(top)) else None
+
     def mlp(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}.mlp"
-        if f.moe:
-            topk = next((n for n in self.ix.nodes(f.block(L, f.mlp_out)) if is_op(n, {aten.topk.default})), None)
+        moe = self._moe(L)
+        if moe:
+            topk = next((n for n in self.ix.nodes(moe) if is_op(n, {aten.topk.default})), None)
             logits = topk.args[0] if topk is not None else None
             while logits is not None and not is_op(logits, {aten.linear.default, aten.mm.default}):
                 logits = logits.args[0] if logits.args and isinstance(logits.args[0], fx.Node) else None
-            self.add(f"{p}.hook_router_logits", logits, f.block(L, f.mlp_out))
+            self.add(f"{p}.hook_router_logits", logits, moe)
             return
         act, down = f.block(L, f.mlp_act), f.block(L, f.mlp_out)
         act_in = self.ix.inputs(act)
@@ -240,7 +261,7 @@ class Locator:
                 self.add(f"{p}.hook_rot_{which}", first, path, layout=self._head_layout(first, heads),
                          extra={"heads": heads})
 
-        ln = None if f.post_norm else f.block(L, f.ln1)
+        ln = None if f.post_norm or f.ln1 is None else f.block(L, f.ln1)
         for name, heads in (("hook_attn_in", self.s.n_heads), ("hook_q_input", self.s.n_heads),
                             ("hook_k_input", self.s.n_kv_heads), ("hook_v_input", self.s.n_kv_heads)):
             self.add(f"blocks.{L}.{name}", None, path, derive="split_input", extra={"ln": ln, "heads": heads})
@@ -291,6 +312,17 @@ class Locator:
                                     f"({a.name} vs {b.name})")
 
 
+def _scale_of(n: fx.Node | None) -> float:
+    """Product of the scalar multiplies/divides on the identity chain ending at ``n``."""
+    scale = 1.0
+    while n is not None and (is_op(n, IDENTITY_OPS) or _is_scalar_scale(n)):
+        if _is_scalar_scale(n):
+            c = float(n.args[1])
+            scale = scale * c if is_op(n, {aten.mul.Tensor}) else scale / c
+        n = n.args[0]
+    return scale
+
+
 def _per_token(labels: tuple) -> int:
     n = 1
     for d in labels:
@@ -300,6 +332,56 @@ def _per_token(labels: tuple) -> int:
             return -1
         n *= d
     return n
+
+
+def graph_heads(gm: fx.GraphModule, family: Family, layer: int = 0) -> tuple[int, int, int] | None:
+    """``(n_heads, n_kv_heads, d_head)`` read from the attention op of block ``layer``.
+
+    The config may carry attributes the model ignores (a GPT-2 config with a stray
+    ``num_key_value_heads``); the graph does not. ``d_head`` is the query's last dim;
+    heads are the per-token size over ``d_head`` at the narrowest point of the query / key
+    chains (keys before GQA repetition). ``None`` when block ``layer`` has no single
+    attention op.
+    """
+    ix = ModuleIndex(gm.graph)
+    nodes = ix.nodes(family.block(layer, family.attn))
+    sdpa = [n for n in nodes if is_op(n, SDPA_OPS)]
+    soft = [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+    if len(sdpa) == 1:
+        q, k = sdpa[0].args[:2]
+    elif len(soft) == 1:
+        qk = soft[0].args[0]
+        while qk is not None and not is_op(qk, {aten.matmul.default, aten.bmm.default}):
+            qk = qk.args[0] if qk.args and isinstance(qk.args[0], fx.Node) else None
+        if qk is None:
+            return None
+        q, k = qk.args[:2]
+    else:
+        return None
+    qv = tensor_val(q)
+    if qv is None or qv.dim() < 3 or not isinstance(qv.shape[-1], int):
+        return None
+    d_head = int(qv.shape[-1])
+
+    def heads(n: fx.Node) -> int | None:
+        best = None
+        while True:
+            v = tensor_val(n)
+            if v is not None and v.dim() >= 4:
+                per = [d for d in v.shape[1:] if isinstance(d, int)]
+                count = 1
+                for d in per:
+                    count *= d
+                if count % d_head == 0:
+                    best = count // d_head if best is None else min(best, count // d_head)
+            if not (is_op(n, SHAPE_OPS) or _is_scalar_scale(n)):
+                return best
+            n = n.args[0]
+
+    n_heads, n_kv = heads(q), heads(k)
+    if not n_heads or not n_kv:
+        return None
+    return n_heads, n_kv, d_head
 
 
 def locate(gm: fx.GraphModule, family: Family, shape: Shape, found_by: str = "rule") -> dict[str, Site]:

@@ -81,10 +81,24 @@ def test_family_without_rule_is_traced_with_correct_sites(model_type):
         assert "blocks.0.hook_resid_mid" not in m.sites and "blocks.0.ln2.hook_normalized" not in m.sites
 
 
+def test_discovery_reads_post_norm_blocks_as_the_bert_rule_does():
+    m = traced("bert")  # post-norm encoder: norm(x + sublayer(x)), no norm feeds attention
+    found = discover(m.hf_model, m.base_graph, m.cfg.n_layers)
+    for field in ("embed", "pos_embed", "layers", "ln1", "ln2", "attn", "attn_out", "mlp_act", "mlp_out",
+                  "post_norm", "gated", "ln_final"):
+        assert getattr(found, field) == getattr(m.family, field), field
+
+
 def test_discovery_refuses_what_it_cannot_read():
-    m = traced("bert")  # post-norm encoder: no norm feeds attention, so discovery must not guess
-    with pytest.raises(DiscoveryError, match="norms feeding attention"):
-        discover(m.hf_model, m.base_graph, m.cfg.n_layers)
+    m = traced("llama")
+    base = m.base_graph  # read before the change below (which would make the model re-capture)
+    layers = m.hf_model.model.layers
+    m.hf_model.model.layers = torch.nn.ModuleList(list(layers) + [layers[0]])  # no list of n_layers blocks
+    try:
+        with pytest.raises(DiscoveryError, match="ModuleList of 2 blocks"):
+            discover(m.hf_model, base, m.cfg.n_layers)
+    finally:
+        m.hf_model.model.layers = layers
 
 
 def test_sites_cli_shows_discovered_table(tmp_path):

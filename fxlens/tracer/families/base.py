@@ -20,7 +20,9 @@ class Family:
         layers: the block list (``{layers}.{L}`` is block L).
         ln_final: final norm module (``None`` for encoders without one).
         pos_embed: learned absolute position embedding module, if any.
-        ln1: norm feeding attention (pre-norm) or after it (``post_norm``).
+        ln1: norm feeding attention (pre-norm) or after it (``post_norm``); ``None`` in blocks that
+            norm only the sublayer outputs (OLMo 2/3: ``x + norm(attn(x))``, see ``attn_post_norm``),
+            which then have no ``ln1.*``/``ln2.*`` and ``hook_mlp_in`` sites.
         ln2: norm feeding the MLP (pre-norm) or after it (``post_norm``); ``None`` in parallel
             blocks whose attention and MLP read one shared norm (GPT-J, Phi-2): those blocks
             have no ``ln2.*`` and ``hook_mlp_in`` sites.
@@ -44,7 +46,7 @@ class Family:
     layers: str = "model.layers"
     ln_final: str | None = "model.norm"
     pos_embed: str | None = None
-    ln1: str = "input_layernorm"
+    ln1: str | None = "input_layernorm"
     ln2: str | None = "post_attention_layernorm"
     attn: str = "self_attn"
     attn_out: str = "self_attn.o_proj"
