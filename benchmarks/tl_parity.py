@@ -11,7 +11,8 @@ copy of the HF model (the bridge rewrites its model in place and forces eager at
 runs plain, without weight processing. Every site name both caches hold is compared: shapes, then
 values. A site agrees when ``max|a - b| <= ATOL + RTOL * max|b|`` (fp32 rounding); attention
 scores are compared where both are unmasked, and both must mask the same entries (TransformerLens
-keeps HF's finite ``finfo.min`` fill, fxlens ``-inf``). Exit status 1 when any site differs.
+keeps HF's finite ``finfo.min`` fill, fxlens ``-inf``). A hooked run checks that doubling
+``hook_normalized`` changes the logits as it does in TransformerLens. Exit status 1 when anything differs.
 """
 
 from __future__ import annotations
@@ -71,8 +72,14 @@ def parity(text: str = PROMPT) -> dict:
     common = sorted(set(fx.keys()) & set(tl.keys()), key=lambda n: m.hook_names.index(n))
     rows = [compare(fx[n], tl[n], n) for n in common]
     logits = compare(logits_fx, logits_tl, "logits")
+    # the same edit on the norms' TL sites in both tools: it must flow through the weights alike
+    edit = [(n, lambda x, hook: 2 * x) for n in ("blocks.5.ln1.hook_normalized", "blocks.5.ln2.hook_normalized",
+                                                  "ln_final.hook_normalized")]
+    with torch.no_grad():
+        hooked = compare(m.run_with_hooks(ids, fwd_hooks=edit), bridge.run_with_hooks(ids, fwd_hooks=edit),
+                         "logits, hook_normalized doubled")
     only_fx = sorted(set(fx.keys()) - set(tl.keys()))
-    return {"tokens": ids.shape[1], "atol": ATOL, "rtol": RTOL, "rows": rows, "logits": logits,
+    return {"tokens": ids.shape[1], "atol": ATOL, "rtol": RTOL, "rows": rows, "logits": logits, "hooked": hooked,
             "n_sites": len(rows), "n_differ": sum(not r["ok"] for r in rows),
             "fxlens_only": sorted({re.sub(r"^blocks\.\d+\.", "blocks.{L}.", n) for n in only_fx})}
 
@@ -84,7 +91,9 @@ def table(res: dict) -> str:
         groups.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.{L}.", r["site"]), []).append(r)
     lines = [f"{res['n_sites'] - res['n_differ']} of {res['n_sites']} TL-named sites agree "
              f"({res['tokens']} tokens; |a-b| <= {res['atol']:g} + {res['rtol']:g}·max|b|); logits max abs "
-             f"{res['logits'].get('max_abs', float('nan')):.2e}", "",
+             f"{res['logits'].get('max_abs', float('nan')):.2e}; "
+             "with ln*.hook_normalized doubled in both (blocks.5, ln_final) "
+             f"{res['hooked'].get('max_abs', float('nan')):.2e} ({'agree' if res['hooked']['ok'] else 'DIFFER'})", "",
              "| site | sites | agree | shape | worst max abs | worst rel | why |", "|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         worst = max(rs, key=lambda r: r.get("rel", float("inf")))
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps(res, indent=1))
     if a.markdown:
         a.markdown.write_text(md)
-    return 1 if res["n_differ"] or not res["logits"]["ok"] else 0
+    return 1 if res["n_differ"] or not (res["logits"]["ok"] and res["hooked"]["ok"]) else 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def test_every_tl_site_equals_transformer_lens(tmp_path):
     bad = [r for r in res["rows"] if not r["ok"]]
     assert not bad, "sites differing from TransformerLens:\n" + "\n".join(map(str, bad[:20]))
     assert res["logits"]["ok"], res["logits"]
+    assert res["hooked"]["ok"], res["hooked"]  # a hook on hook_normalized acts as in TransformerLens
     compared = {r["site"] for r in res["rows"]}
     n_layers = 30
     wanted = {s.replace("{L}", str(L)) for s in TL_SITES for L in (range(n_layers) if "{L}" in s else [0])}
