@@ -216,7 +216,7 @@ full = FactoredMatrix(W_E[toks] * w_ln1, OV.A) @ FactoredMatrix(OV.B, w_final[:,
     w_final, _ = model.ln_final_affine()
     WE, WU = model.W_E[sample], model.W_U[:, sample] * w_final[:, None]
     OV = model.OV
-    _, rep_cache = model.run_with_cache(rep, names_filter=lambda n: n.endswith("ln1.hook_normalized"))
+    _, rep_cache = model.run_with_cache(rep, names_filter=lambda n: n.endswith("ln1.hook_out"))
     rows = []
     heads = [(i // c.n_heads, i % c.n_heads) for i in top[:4].tolist()] + [(0, 0), (15, 5)]
     for L, h in heads:
@@ -227,7 +227,7 @@ full = FactoredMatrix(W_E[toks] * w_ln1, OV.A) @ FactoredMatrix(OV.B, w_final[:,
         diag = m.diagonal()
         top1 = (m.argmax(-1) == torch.arange(len(sample))).float().mean().item()
         top5 = (m > diag[:, None]).sum(-1).lt(5).float().mean().item()
-        src = rep_cache[f"blocks.{L}.ln1.hook_normalized"][:, 1:51].reshape(-1, c.d_model)  # first-half tokens
+        src = rep_cache[f"blocks.{L}.ln1.hook_out"][:, 1:51].reshape(-1, c.d_model)  # first-half tokens
         own = rep[:, 1:51].reshape(-1)
         ctx_logits = (src @ ov.A) @ (ov.B @ (model.W_U * w_final[:, None]))  # [200, d_vocab]
         own_logit = ctx_logits.gather(-1, own[:, None])

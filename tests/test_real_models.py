@@ -37,7 +37,7 @@ def test_smollm2_sites_match_hf_hidden_states(smol):
         hs = smol.hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
     for L in range(smol.cfg.n_layers - 1):
         assert (cache["resid_post", L] - hs[L + 1]).abs().max().item() <= 1e-4
-    assert (cache["ln_final.hook_normalized"] - hs[-1]).abs().max().item() <= 1e-5
+    assert (cache["ln_final.hook_out"] - hs[-1]).abs().max().item() <= 1e-5
     assert smol.cfg.n_kv_heads == 3 and smol.cfg.n_heads == 9
     assert len(smol.hook_names) == 21 * 30 + 3  # 21 per block + embed + ln_final x2
     assert len(smol.all_hook_names) == 25 * 30 + 3  # + 4 split-input sites per block
@@ -65,14 +65,14 @@ def test_minilm_hidden_states_equal_hf():
     m = fxlens.from_pretrained(path)
     hf = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
     ids, mask = m.to_tokens_and_mask(["fxlens instruments unmodified models", "a second sentence"])
-    _, cache = m.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: "ln2.hook_normalized" in n
+    _, cache = m.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: "ln2.hook_out" in n
                                 or "pattern" in n)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     real = mask.bool()
     assert m.cfg.family == "bert" and m.cfg.n_layers == 6
     for L in range(6):
-        assert (cache["blocks.%d.ln2.hook_normalized" % L][real] - ref.hidden_states[L + 1][real]).abs().max() <= 1e-5
+        assert (cache["blocks.%d.ln2.hook_out" % L][real] - ref.hidden_states[L + 1][real]).abs().max() <= 1e-5
         assert (cache["pattern", L][0] - ref.attentions[L][0]).abs().max() <= 1e-5
     assert (m(ids, attention_mask=mask)[real] - ref.last_hidden_state[real]).abs().max() <= 1e-5
 

@@ -34,9 +34,9 @@ _SUPPORTED = {
     "blocks.{L}.attn.hook_z": ("attn_out", "pre"),
     "blocks.{L}.mlp.hook_pre": ("mlp_act", "pre"),
     "blocks.{L}.mlp.hook_post": ("mlp_out", "pre"),
-    "blocks.{L}.ln1.hook_normalized": ("ln1", "post"),
-    "blocks.{L}.ln2.hook_normalized": ("ln2", "post"),
-    "ln_final.hook_normalized": ("ln_final", "post"),
+    "blocks.{L}.ln1.hook_out": ("ln1", "post"),
+    "blocks.{L}.ln2.hook_out": ("ln2", "post"),
+    "ln_final.hook_out": ("ln_final", "post"),
     "hook_embed": ("embed", "post"),
     "hook_pos_embed": ("pos_embed", "post"),
 }

@@ -5,8 +5,8 @@ the HF model (the original is untouched):
 
 * ``fold_ln``: every norm's elementwise weight (and bias) is folded into the linear maps that
   read it (q/k/v, MLP inputs, unembedding), and the norm is set to the identity affine map, so
-  ``hook_normalized`` becomes the bare normalised vector (TransformerLens' ``LNPre`` /
-  ``RMSPre``; ``cfg.normalization_type`` says so). Exact up to float rounding.
+  its output ``hook_out`` equals ``hook_normalized``, the bare normalised vector (TransformerLens'
+  ``LNPre`` / ``RMSPre``; ``cfg.normalization_type`` says so). Exact up to float rounding.
 * ``center_writing_weights``: everything that writes to the residual stream (embeddings,
   attention and MLP output projections) has its mean over ``d_model`` removed. Exact only
   when every reader of the residual stream subtracts the mean (LayerNorm models): the default
@@ -108,7 +108,7 @@ def _untie(hf: nn.Module) -> None:
 
 
 def norm_readers(model, site: str) -> list[str]:
-    """HF module paths of the linear maps reading the norm output at ``site`` (e.g. ``blocks.0.ln1.hook_normalized``).
+    """HF module paths of the linear maps reading the norm output at ``site`` (e.g. ``blocks.0.ln1.hook_out``).
 
     Follows reshapes/splits forward from the norm's output node; any other reader raises.
     """
@@ -137,14 +137,14 @@ def norm_readers(model, site: str) -> list[str]:
 
 
 def _norm_sites(model) -> list[str]:
-    names = [f"blocks.{L}.{ln}.hook_normalized" for L in range(model.cfg.n_layers) for ln in ("ln1", "ln2")]
-    return [n for n in (*names, "ln_final.hook_normalized") if n in model.sites]
+    names = [f"blocks.{L}.{ln}.hook_out" for L in range(model.cfg.n_layers) for ln in ("ln1", "ln2")]
+    return [n for n in (*names, "ln_final.hook_out") if n in model.sites]
 
 
 def _fold_norms(model, hf: nn.Module) -> None:
     centre = model.cfg.normalization_type.startswith("LN")
     for site in _norm_sites(model):
-        if site == "ln_final.hook_normalized" and model.output_kind != "logits":
+        if site == "ln_final.hook_out" and model.output_kind != "logits":
             continue  # no unembedding to fold into: the final norm stays as it is
         norm = hf.get_submodule(model.sites[site].module)
         w, b = norm_affine(norm, model.cfg.d_model, centre)

@@ -158,7 +158,7 @@ class WeightsMixin:
     # -- attention ------------------------------------------------------------------
     @property
     def W_Q(self) -> torch.Tensor:
-        """``[n_layers, n_heads, d_model, d_head]``: ``ln1.hook_normalized @ W_Q + b_Q == attn.hook_q``."""
+        """``[n_layers, n_heads, d_model, d_head]``: ``ln1.hook_out @ W_Q + b_Q == attn.hook_q``."""
         return self._stack("W_Q", lambda L: self._qkv(L, "q")[0])
 
     @property
@@ -234,7 +234,7 @@ class WeightsMixin:
 
     @property
     def W_gate(self) -> torch.Tensor:
-        """``[n_layers, d_model, d_mlp]``: gated MLPs' gate (``ln2.hook_normalized @ W_gate == mlp.hook_pre``)."""
+        """``[n_layers, d_model, d_mlp]``: gated MLPs' gate (``ln2.hook_out @ W_gate == mlp.hook_pre``)."""
         return self._stack("W_gate", lambda L: self._mlp_in(L, "gate")[0])
 
     @property
@@ -272,7 +272,7 @@ class WeightsMixin:
 
     @property
     def W_U(self) -> torch.Tensor:
-        """``[d_model, d_vocab]``: ``ln_final.hook_normalized @ W_U + b_U`` are the logits (a view)."""
+        """``[d_model, d_vocab]``: ``ln_final.hook_out @ W_U + b_U`` are the logits (a view)."""
         head = self.hf_model.get_output_embeddings()
         if head is None:
             raise AttributeError("this model has no unembedding (an encoder without an LM head)")
@@ -285,7 +285,7 @@ class WeightsMixin:
         return _or_zeros(getattr(head, "bias", None), self.cfg.d_vocab, head.weight)
 
     def ln_final_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Effective ``(w, b)`` of the final norm: ``ln_final.hook_normalized == x_hat * w + b``."""
+        """Effective ``(w, b)`` of the final norm: ``ln_final.hook_out == ln_final.hook_normalized * w + b``."""
         if self.family.ln_final is None:
             raise AttributeError("this model has no final norm")
         centre = self.cfg.normalization_type.startswith("LN")

@@ -21,6 +21,7 @@ from .graph import (
     is_tensor,
     tensor_val,
 )
+from .passes.norm_scale import normalized_node
 from .sites import Site
 
 aten = torch.ops.aten
@@ -123,13 +124,18 @@ class Locator:
 
     def norm(self, prefix: str, path: str) -> None:
         out = self._hidden(self.outputs(path))
-        self.add(f"{prefix}.hook_normalized", out, path)
+        self.add(f"{prefix}.hook_out", out, path)
         op = next((n for n in self.ix.nodes(path) if is_op(n, {aten.rsqrt.default, aten.layer_norm.default})), None)
         if op is None:
-            self.missing.append(f"{prefix}.hook_scale (no rsqrt/layer_norm op in {path})")
+            self.missing.append(f"{prefix}.hook_scale, hook_normalized (no rsqrt/layer_norm op in {path})")
+            return
+        layout = "flat" if out is not None and self.labels(out)[:1] == ("BS",) else "same"
+        self.add(f"{prefix}.hook_scale", None, path, layout=layout, derive="norm_scale", extra={"op": op.name})
+        if is_op(op, {aten.rsqrt.default}):  # x * rsqrt(..) is a node already
+            self.add(f"{prefix}.hook_normalized", normalized_node(op), path)
         else:
-            layout = "flat" if out is not None and self.labels(out)[:1] == ("BS",) else "same"
-            self.add(f"{prefix}.hook_scale", None, path, layout=layout, derive="norm_scale", extra={"op": op.name})
+            self.add(f"{prefix}.hook_normalized", None, path, layout=layout, derive="norm_scale",
+                     extra={"op": op.name})
 
     def block(self, L: int) -> None:
         f, p = self.f, f"blocks.{L}"
@@ -154,7 +160,7 @@ class Locator:
                         and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
             self.add(f"{p}.hook_resid_mid", mid, path)
         if f.post_norm:  # BERT: the MLP reads ln1's output
-            self.add(f"{p}.hook_mlp_in", self.node(f"{p}.ln1.hook_normalized"), path, extra={"scope": path})
+            self.add(f"{p}.hook_mlp_in", self.node(f"{p}.ln1.hook_out"), path, extra={"scope": path})
         elif f.ln2 is not None:  # what ln2 reads (resid_mid, or resid_pre in parallel blocks), for ln2 only
             ln2 = f.block(L, f.ln2)
             self.add(f"{p}.hook_mlp_in", self._hidden(self.ix.inputs(ln2)), ln2, extra={"scope": ln2})

@@ -26,7 +26,10 @@ _SPECS = [
     SiteSpec("blocks.{L}.hook_resid_pre", "residual stream entering block L", "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.ln1.hook_scale", "ln1 scale: sqrt(var + eps) (LayerNorm) or sqrt(mean(x^2) + eps) (RMSNorm)",
              "[batch, pos, 1]"),
-    SiteSpec("blocks.{L}.ln1.hook_normalized", "ln1 output (weights applied): what attention reads",
+    SiteSpec("blocks.{L}.ln1.hook_normalized", "ln1's normalised input before its weight (TransformerLens' tensor): "
+             "x / scale (RMSNorm) or (x - mean) / scale (LayerNorm); a hook's edit flows through the weight",
+             "[batch, pos, d_model]"),
+    SiteSpec("blocks.{L}.ln1.hook_out", "ln1 output, weight (and bias) applied: what attention reads (fxlens only)",
              "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.hook_attn_in", "attention input, one copy per head (before ln1)",
              "[batch, pos, n_heads, d_model]"),
@@ -57,7 +60,8 @@ _SPECS = [
              "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.hook_mlp_in", "MLP input before ln2", "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.ln2.hook_scale", "ln2 scale", "[batch, pos, 1]"),
-    SiteSpec("blocks.{L}.ln2.hook_normalized", "ln2 output (weights applied): what the MLP reads",
+    SiteSpec("blocks.{L}.ln2.hook_normalized", "ln2's normalised input before its weight", "[batch, pos, d_model]"),
+    SiteSpec("blocks.{L}.ln2.hook_out", "ln2 output, weight (and bias) applied: what the MLP reads (fxlens only)",
              "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.mlp.hook_pre", "MLP pre-activation (gate projection in gated MLPs)", "[batch, pos, d_mlp]"),
     SiteSpec("blocks.{L}.mlp.hook_pre_linear", "gated MLPs: the linear (up) projection", "[batch, pos, d_mlp]"),
@@ -67,8 +71,9 @@ _SPECS = [
     SiteSpec("blocks.{L}.hook_mlp_out", "MLP output as added to the residual stream", "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.hook_resid_post", "residual stream leaving block L", "[batch, pos, d_model]"),
     SiteSpec("ln_final.hook_scale", "final norm scale", "[batch, pos, 1]"),
-    SiteSpec("ln_final.hook_normalized", "final norm output (weights applied): what the unembedding reads",
-             "[batch, pos, d_model]"),
+    SiteSpec("ln_final.hook_normalized", "final norm's normalised input before its weight", "[batch, pos, d_model]"),
+    SiteSpec("ln_final.hook_out", "final norm output, weight (and bias) applied: what the unembedding reads "
+             "(fxlens only; HF's last hidden state)", "[batch, pos, d_model]"),
 ]
 
 SPECS: dict[str, SiteSpec] = {s.name: s for s in _SPECS}
@@ -111,7 +116,8 @@ class Site:
             (``[.., H*D]`` viewed as ``[.., H, D]``), ``"bhsd"`` (transposed heads) or
             ``"flat"`` (``[batch*pos, ..]`` viewed as ``[batch, pos, ..]``).
         derive: ``None`` when the node exists in the captured graph; otherwise the pass
-            that creates it on demand (``"attention"``, ``"norm_scale"``, ``"split_input"``).
+            that creates it on demand (``"attention"``, ``"norm_scale"`` (a norm's scale, and the
+            normalised vector of a fused ``layer_norm``), ``"split_input"``).
         module: HF module path the site belongs to.
         found_by: ``"rule"`` or ``"discovery"``.
         extra: pass-specific data (e.g. the SDPA node, head counts).

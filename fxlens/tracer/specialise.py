@@ -14,7 +14,7 @@ from torch import fx
 from ..hooks import run_hook
 from .graph import dead_code, getattr_path, inside
 from .passes.attention import expand_sdpa
-from .passes.norm_scale import expose_scale
+from .passes.norm_scale import expose_norm
 from .passes.split_inputs import SPLIT_SITES, build_split_inputs, probe_feature_index
 from .sites import Site, layer_of, site_rank
 
@@ -116,6 +116,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
             raise ValueError("split-input sites need the HF model and the probed feature index")
         value.update(build_split_inputs(graph, nodes, sites, L, wanted, index, attrs, replaced))
     expanded: dict[str, dict[str, fx.Node]] = {}
+    normed: dict[str, dict[str, fx.Node]] = {}
     for name in sorted(wanted):
         site = sites[name]
         if site.derive == "attention":
@@ -123,11 +124,13 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
             if key not in expanded:
                 expanded[key] = expand_sdpa(graph, nodes[key])
             value[name] = expanded[key][name.rsplit(".", 1)[1]]
-        elif site.derive == "norm_scale":
-            op = nodes[site.extra["op"]]
-            value[name], new = expose_scale(graph, op)
-            if new is not None:
-                replaced[op.name] = new
+        elif site.derive == "norm_scale":  # hook_scale, and hook_normalized of a fused layer_norm
+            key = site.extra["op"]
+            if key not in normed:
+                normed[key], new = expose_norm(graph, nodes[key])
+                if new is not None:
+                    replaced[key] = new
+            value[name] = normed[key][name.rsplit(".", 1)[1]]
     out = replaced.get(out.name, out)
     for name in wanted - value.keys():
         node_name = sites[name].node

@@ -11,9 +11,7 @@ from tests.conftest import tokens, traced
 GEN_FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma2", "opt"]
 SITES = ["blocks.{L}.hook_resid_pre", "blocks.{L}.hook_resid_post", "blocks.{L}.hook_attn_out",
          "blocks.{L}.hook_mlp_out", "blocks.{L}.attn.hook_z", "blocks.{L}.mlp.hook_pre", "blocks.{L}.mlp.hook_post",
-         "blocks.{L}.ln1.hook_normalized", "ln_final.hook_normalized"]
-
-
+         "blocks.{L}.ln1.hook_out", "ln_final.hook_out"]
 @pytest.mark.parametrize("family", GEN_FAMILIES)
 def test_greedy_without_hooks_equals_hf_generate(family):
     m = traced(family)
@@ -29,8 +27,8 @@ def test_generation_hooks_see_the_graph_site_values(family):
     m = traced(family)
     ids = tokens(2, 5)
     names = [s.format(L=1) for s in SITES if s.format(L=1) in m.sites and m.sites[s.format(L=1)].layout != "flat"]
-    if m.family.ln2 and m.sites["blocks.0.ln2.hook_normalized"].layout != "flat":
-        names.append("blocks.0.ln2.hook_normalized")
+    if m.family.ln2 and m.sites["blocks.0.ln2.hook_out"].layout != "flat":
+        names.append("blocks.0.ln2.hook_out")
     _, cache = m.run_with_cache(ids, names_filter=names)
     seen = {}
 
@@ -41,6 +39,13 @@ def test_generation_hooks_see_the_graph_site_values(family):
     assert set(seen) == set(names)
     for n in names:  # the first call is the full prompt
         torch.testing.assert_close(seen[n], cache[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_generation_refuses_hook_normalized():
+    """TL's hook_normalized (before the norm's weight) is at no module boundary: the boundary check refuses it."""
+    m = traced("llama")
+    with pytest.raises(ValueError, match="hook_normalized"):
+        m.generate(tokens(1, 4), max_new_tokens=1, fwd_hooks=[("blocks.0.ln1.hook_normalized", lambda x, hook: x)])
 
 
 def _greedy_by_graph(m, ids, hooks, n):

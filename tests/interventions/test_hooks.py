@@ -88,12 +88,12 @@ def test_hooks_context_and_reset():
 def test_scale_hook_changes_the_norm_output():
     m = traced("gpt2")
     ids = tokens(1, 4)
-    _, base = m.run_with_cache(ids, names_filter="blocks.0.ln1.hook_normalized")
+    _, base = m.run_with_cache(ids, names_filter="blocks.0.ln1.hook_out")
     with m.hooks(fwd_hooks=[("blocks.0.ln1.hook_scale", lambda s, hook: s * 2)]):
-        _, doubled = m.run_with_cache(ids, names_filter="blocks.0.ln1.hook_normalized")
+        _, doubled = m.run_with_cache(ids, names_filter="blocks.0.ln1.hook_out")
     ln = m.hf_model.transformer.h[0].ln_1
-    expected = (base["blocks.0.ln1.hook_normalized"] - ln.bias) / 2 + ln.bias
-    assert torch.allclose(doubled["blocks.0.ln1.hook_normalized"], expected, atol=1e-5)
+    expected = (base["blocks.0.ln1.hook_out"] - ln.bias) / 2 + ln.bias
+    assert torch.allclose(doubled["blocks.0.ln1.hook_out"], expected, atol=1e-5)
 
 
 def test_mlp_in_hook_changes_only_the_mlp_input():

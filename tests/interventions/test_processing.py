@@ -48,7 +48,7 @@ def test_folded_norms_output_the_bare_normalised_vector(family):
     for L in range(p.cfg.n_layers):
         x = c[f"blocks.{L}.hook_resid_pre"]
         x = x - x.mean(-1, keepdim=True) if lnpre else x
-        torch.testing.assert_close(c[f"blocks.{L}.ln1.hook_normalized"], x / c[f"blocks.{L}.ln1.hook_scale"],
+        torch.testing.assert_close(c[f"blocks.{L}.ln1.hook_out"], x / c[f"blocks.{L}.ln1.hook_scale"],
                                    atol=1e-5, rtol=1e-5)
     assert (p.W_Q - m.W_Q).abs().max() > 1e-3  # the norm weights went into W_Q
     w, b = p.ln_final_affine()

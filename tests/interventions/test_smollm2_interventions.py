@@ -24,7 +24,7 @@ def test_weights_reproduce_sites(smol):
     m = smol
     _, c = m.run_with_cache(CLEAN)
     for L in (0, 17, 29):
-        x = c[f"blocks.{L}.ln1.hook_normalized"]
+        x = c[f"blocks.{L}.ln1.hook_out"]
         torch.testing.assert_close(torch.einsum("bsm,hmd->bshd", x, m.W_Q[L]), c[f"blocks.{L}.attn.hook_q"],
                                    atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.einsum("bsm,hmd->bshd", x, m.W_K_kv[L]), c[f"blocks.{L}.attn.hook_k"],

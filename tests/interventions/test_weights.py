@@ -11,13 +11,13 @@ POST_NORM_BRANCHES = {"gemma2", "gemma3"}  # attn/mlp outputs pass a post-norm b
 
 
 def _attn_input(m, cache, L):
-    return cache[f"blocks.{L}.hook_resid_pre"] if m.family.post_norm else cache[f"blocks.{L}.ln1.hook_normalized"]
+    return cache[f"blocks.{L}.hook_resid_pre"] if m.family.post_norm else cache[f"blocks.{L}.ln1.hook_out"]
 
 
 def _mlp_input(m, cache, L):
     if m.family.post_norm:
-        return cache[f"blocks.{L}.ln1.hook_normalized"]
-    return cache[f"blocks.{L}.ln2.hook_normalized" if m.family.ln2 else f"blocks.{L}.ln1.hook_normalized"]
+        return cache[f"blocks.{L}.ln1.hook_out"]
+    return cache[f"blocks.{L}.ln2.hook_out" if m.family.ln2 else f"blocks.{L}.ln1.hook_out"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -49,7 +49,7 @@ def test_output_and_mlp_weights_reproduce_cached_outputs(family):
         out = c[f"blocks.{L}.mlp.hook_post"] @ m.W_out[L] + m.b_out[L]
         torch.testing.assert_close(out, c[f"blocks.{L}.hook_mlp_out"], atol=1e-5, rtol=0)
     if m.output_kind == "logits":
-        torch.testing.assert_close(c["ln_final.hook_normalized"] @ m.W_U + m.b_U, logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c["ln_final.hook_out"] @ m.W_U + m.b_U, logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
@@ -102,7 +102,7 @@ def test_final_norm_affine_reproduces_ln_final(family):
     if m.cfg.normalization_type == "LN":
         x = x - x.mean(-1, keepdim=True)
     w, b = m.ln_final_affine()
-    torch.testing.assert_close(x / c["ln_final.hook_scale"] * w + b, c["ln_final.hook_normalized"],
+    torch.testing.assert_close(x / c["ln_final.hook_scale"] * w + b, c["ln_final.hook_out"],
                                atol=1e-5, rtol=1e-5)
 
 

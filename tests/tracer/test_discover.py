@@ -66,7 +66,7 @@ def test_family_without_rule_is_traced_with_correct_sites(model_type):
     assert (out - ref.logits).abs().max().item() <= 1e-5
     assert (cache["resid_pre", 0] - ref.hidden_states[0]).abs().max().item() <= 1e-5
     assert (cache["resid_post", 0] - ref.hidden_states[1]).abs().max().item() <= 1e-5
-    assert (cache["ln_final.hook_normalized"] - ref.hidden_states[-1]).abs().max().item() <= 1e-5
+    assert (cache["ln_final.hook_out"] - ref.hidden_states[-1]).abs().max().item() <= 1e-5
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         attn = hf(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True).attentions

@@ -47,12 +47,12 @@ def test_residual_sites_equal_hf_hidden_states(family):
     assert (cache["resid_pre", 0] - hs[0]).abs().max().item() <= TOL
     if m.family.post_norm:  # BERT: a block's output is its ln2 output
         for L in range(n):
-            assert (cache[f"blocks.{L}.ln2.hook_normalized"] - hs[L + 1]).abs().max().item() <= TOL
+            assert (cache[f"blocks.{L}.ln2.hook_out"] - hs[L + 1]).abs().max().item() <= TOL
         return
     for L in range(n - 1):
         assert (cache["resid_post", L] - hs[L + 1]).abs().max().item() <= TOL
     # HF's last entry is the final-normed output, not the last block's residual
-    assert (cache["ln_final.hook_normalized"] - hs[n]).abs().max().item() <= TOL
+    assert (cache["ln_final.hook_out"] - hs[n]).abs().max().item() <= TOL
 
 
 def test_site_shapes_follow_the_catalogue(family):
@@ -84,9 +84,9 @@ def test_gqa_keys_have_kv_heads():
 def test_q_site_is_the_projection_split_into_heads():
     m = traced("llama")
     ids = tokens(1, 4)
-    _, cache = m.run_with_cache(ids, names_filter=["blocks.1.attn.hook_q", "blocks.1.ln1.hook_normalized"])
+    _, cache = m.run_with_cache(ids, names_filter=["blocks.1.attn.hook_q", "blocks.1.ln1.hook_out"])
     q_proj = m.hf_model.model.layers[1].self_attn.q_proj
-    expected = q_proj(cache["blocks.1.ln1.hook_normalized"]).unflatten(-1, (4, 8))
+    expected = q_proj(cache["blocks.1.ln1.hook_out"]).unflatten(-1, (4, 8))
     assert torch.allclose(cache["q", 1], expected, atol=1e-6)
 
 
