@@ -158,7 +158,6 @@ def head_results(cache: ActivationCache, model, layer: int) -> torch.Tensor:
     (their sum plus ``b_O`` is the attention output)."""
     if has_head_results(cache, model, layer):
         return cache.cache_dict[f"blocks.{layer}.attn.hook_result"]
-    _no_post_norm(model)
     _need(cache, [f"blocks.{layer}.attn.hook_z"])
     z = cache[f"blocks.{layer}.attn.hook_z"]
     W = model.W_O[layer]
@@ -169,6 +168,7 @@ def head_results(cache: ActivationCache, model, layer: int) -> torch.Tensor:
 def compute_head_results(cache: ActivationCache, model) -> ActivationCache:
     """A new cache with ``blocks.L.attn.hook_result`` for every layer (``ActivationCache.compute_head_results``
     adds them in place)."""
+    _no_post_norm(model)
     data = dict(cache.cache_dict)
     for L in range(model.cfg.n_layers):
         data[f"blocks.{L}.attn.hook_result"] = head_results(cache, model, L)
@@ -185,6 +185,7 @@ def stack_head_results(cache: ActivationCache, model, layer: int = -1, return_la
                        incl_remainder: bool = False, pos_slice=None, apply_ln: bool = False):
     """Every head's output before ``layer``: ``[layer * n_heads, batch, pos, d_model]``, labels ``"L3H5"``
     (``incl_remainder`` adds ``"remainder"``: the rest of ``resid_post`` of ``layer - 1``)."""
+    _no_post_norm(model)
     pos_slice = as_slice(pos_slice)
     layer = _layer(model, layer)
     parts = [pos_slice.apply(head_results(cache, model, L), -3) for L in range(layer)]
