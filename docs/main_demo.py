@@ -103,10 +103,10 @@ metric = lambda logits: logits[0, -1, mary] - logits[0, -1, john]''')
             "with the cached final-norm scale the attributions sum exactly to the logit difference.",
             '''stack, labels = A.get_full_resid_decomposition(clean_cache, model, expand_neurons=False,
                                                apply_ln=True, pos_slice=-1, return_labels=True)
-attrs = A.logit_attrs(model, stack, mary, john)[:, 0]''')
+attrs = A.scaled_logit_attrs(model, stack, mary, john)[:, 0]''')
     stack, labels = A.get_full_resid_decomposition(clean_cache, model, expand_neurons=False, apply_ln=True,
                                                    pos_slice=-1, return_labels=True)
-    attrs = A.logit_attrs(model, stack, mary, john)[:, 0]
+    attrs = A.scaled_logit_attrs(model, stack, mary, john)[:, 0]
     say(f"sum of {len(labels)} component attributions: {attrs.sum().item():+.4f} "
         f"(+ norm/unembed bias terms {A.logit_bias_terms(model, mary, john).item():+.4f}) vs logit diff "
         f"{clean_ld:+.4f}")

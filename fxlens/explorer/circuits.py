@@ -89,7 +89,7 @@ def _unembed_dirs(model, ids: torch.Tensor | None = None) -> torch.Tensor:
     if ids is None:
         w, _ = model.ln_final_affine()
         return (model.W_U * w[:, None]).T.float()
-    return A.tokens_to_residual_directions(model, ids).float()
+    return A.tokens_to_residual_directions(model, ids).reshape(ids.numel(), -1).float()
 
 
 @dataclass

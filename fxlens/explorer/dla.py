@@ -82,7 +82,7 @@ def direct_logit_attribution(model, prompt: str, answer: str | int, counterfactu
     logits, cache = model.run_with_cache(ids, names_filter=lambda n: n.endswith(_SITES))
     stack, labels = A.get_full_resid_decomposition(cache, model, expand_neurons=False, apply_ln=True,
                                                    pos_slice=pos, return_labels=True)
-    attrs = A.logit_attrs(model, stack, ans, cf)[:, 0].float().cpu()
+    attrs = A.scaled_logit_attrs(model, stack, ans, cf)[:, 0].float().cpu()
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     per_head = attrs[: n_layers * n_heads].reshape(n_layers, n_heads)
     index = {lab: i for i, lab in enumerate(labels)}

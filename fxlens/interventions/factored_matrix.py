@@ -2,7 +2,8 @@
 
 Circuits such as ``W_V @ W_O`` (OV) and ``W_Q @ W_K.T`` (QK) are ``[d_model, d_model]`` but of
 rank ``d_head``; keeping the factors makes SVD, norms and eigenvalues cheap. Semantics follow
-TransformerLens: leading dims broadcast, ``Vh`` is returned un-transposed (``M == U @ diag(S) @ Vh.T``).
+TransformerLens 4.3: leading dims broadcast, ``svd()`` gives ``(U, S, V)`` with ``M == U @ diag(S) @ V.T``
+(``Vh`` is TL's old name for ``V``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import torch
 
 def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-2, -1)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 to float32: ``torch.linalg``'s SVD and eig have no 16-bit kernels."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _keep(i):
+    """An int row / column index as a length-1 slice (``-1`` included), so the matrix stays 2-D."""
+    if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.dtype.is_floating_point and i.dtype != torch.bool:
+        i = int(i)
+    if isinstance(i, int) and not isinstance(i, bool):
+        return slice(i, i + 1 if i != -1 else None)
+    return i
 
 
 class FactoredMatrix:
@@ -89,14 +104,15 @@ class FactoredMatrix:
     # -- spectra ------------------------------------------------------------------
     @cached_property
     def _svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        Ua, Sa, Vha = torch.linalg.svd(self.A, full_matrices=False)
-        Ub, Sb, Vhb = torch.linalg.svd(self.B, full_matrices=False)
+        A, B = _upcast(self.A), _upcast(self.B)
+        Ua, Sa, Vha = torch.linalg.svd(A, full_matrices=False)
+        Ub, Sb, Vhb = torch.linalg.svd(B, full_matrices=False)
         middle = Sa[..., :, None] * (Vha @ Ub) * Sb[..., None, :]
         Um, Sm, Vhm = torch.linalg.svd(middle, full_matrices=False)
         return Ua @ Um, Sm, _t(Vhm @ Vhb)
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U, S, Vh)`` with ``M == U @ diag(S) @ Vh.T`` (TransformerLens' convention).
+        """``(U, S, V)`` with ``M == U @ diag(S) @ V.T`` (TransformerLens' convention; 16-bit factors upcast).
 
         Shapes ``[..., ldim, k]``, ``[..., k]``, ``[..., rdim, k]`` with ``k = min(ldim, mdim, rdim)``.
         """
@@ -113,28 +129,38 @@ class FactoredMatrix:
         return self._svd[1]
 
     @property
+    def V(self) -> torch.Tensor:
+        """Right singular vectors as columns ``[..., rdim, k]``: ``M == U @ diag(S) @ V.T``."""
+        return self._svd[2]
+
+    @property
     def Vh(self) -> torch.Tensor:
-        """Right singular vectors as columns ``[..., rdim, k]``."""
+        """TL's old name for :attr:`V` (it is V, not its transpose)."""
         return self._svd[2]
 
     @property
     def eigenvalues(self) -> torch.Tensor:
         """Non-trivial eigenvalues of ``AB`` (those of ``BA``), complex ``[..., mdim]``."""
-        ba = self.BA
-        return torch.linalg.eigvals(ba.float() if ba.dtype in (torch.float16, torch.bfloat16) else ba)
+        return torch.linalg.eig(_upcast(self.BA)).eigenvalues
+
+    def trace(self) -> torch.Tensor:
+        """``trace(AB) == trace(BA)`` ``[...]``, without forming ``AB`` (needs a square matrix)."""
+        if self.ldim != self.rdim:
+            raise ValueError(f"trace needs a square matrix; shape is {tuple(self.shape)}")
+        return (self.A * _t(self.B)).sum((-2, -1))
 
     def norm(self) -> torch.Tensor:
         """Frobenius norm ``[...]`` from the singular values."""
         return self.S.pow(2).sum(-1).sqrt()
 
     def make_even(self) -> FactoredMatrix:
-        """The same matrix as ``(U sqrt(S), sqrt(S) Vh.T)``: balanced, orthogonal factors."""
+        """The same matrix as ``(U sqrt(S), sqrt(S) V.T)``: balanced, orthogonal factors."""
         root = self.S.sqrt()
-        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * _t(self.Vh))
+        return FactoredMatrix(self.U * root[..., None, :], root[..., :, None] * _t(self.V))
 
     def collapse_l(self) -> torch.Tensor:
-        """``diag(S) @ Vh.T``: the matrix with the left orthogonal factor removed ``[..., k, rdim]``."""
-        return self.S[..., :, None] * _t(self.Vh)
+        """``diag(S) @ V.T``: the matrix with the left orthogonal factor removed ``[..., k, rdim]``."""
+        return self.S[..., :, None] * _t(self.V)
 
     def collapse_r(self) -> torch.Tensor:
         """``U @ diag(S)``: the matrix with the right orthogonal factor removed ``[..., ldim, k]``."""
@@ -146,6 +172,10 @@ class FactoredMatrix:
         """Number of dims of the full matrix."""
         return len(self.shape)
 
+    @property
+    def has_leading_dims(self) -> bool:
+        return self.ndim > 2
+
     def unsqueeze(self, dim: int) -> FactoredMatrix:
         """Insert a dim into both factors (use it for leading dims)."""
         return FactoredMatrix(self.A.unsqueeze(dim), self.B.unsqueeze(dim))
@@ -156,19 +186,25 @@ class FactoredMatrix:
         return corner[tuple(slice(0, k) for _ in range(corner.ndim))]
 
     def __getitem__(self, idx) -> FactoredMatrix:
-        """Index leading dims; one or two extra indices select rows / columns of the matrix."""
+        """Index as the full matrix, without forming it: leading dims, then rows, then columns (an int
+        row / column index keeps its dim, as TL; ``...`` expands)."""
         idx = idx if isinstance(idx, tuple) else (idx,)
-        n_lead = len(self.shape) - 2
-        used = len([i for i in idx if i is not None])
-        if used <= n_lead:
-            return FactoredMatrix(self.A[idx], self.B[idx])
-        keep = [slice(i, i + 1) if isinstance(i, int) else i for i in idx[n_lead:]]  # matrix dims stay 2-D
-        lead = tuple(idx[:n_lead])
-        if used == n_lead + 1:
-            return FactoredMatrix(self.A[(*lead, keep[0])], self.B[lead])
-        if used == n_lead + 2:
-            return FactoredMatrix(self.A[(*lead, keep[0])], self.B[(*lead, slice(None), keep[1])])
-        raise IndexError(f"{idx} is too long for a FactoredMatrix of shape {tuple(self.shape)}")
+        if any(i is None for i in idx):
+            raise IndexError("FactoredMatrix indexing does not take None (new axes): unsqueeze instead")
+        if sum(i is Ellipsis for i in idx) > 1:
+            raise IndexError("an index can only have a single ellipsis")
+        if Ellipsis in idx:
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[at + 1:]
+        n_lead = self.ndim - 2
+        if len(idx) > self.ndim:
+            raise IndexError(f"{idx} is too long an index for a FactoredMatrix of shape {tuple(self.shape)}")
+        lead, mat = idx[:n_lead], [_keep(i) for i in idx[n_lead:]]
+        if not mat:
+            return FactoredMatrix(self.A[lead], self.B[lead])
+        if len(mat) == 1:
+            return FactoredMatrix(self.A[(*lead, mat[0])], self.B[lead])
+        return FactoredMatrix(self.A[(*lead, mat[0])], self.B[(*lead, slice(None), mat[1])])
 
     def __repr__(self) -> str:
-        return f"FactoredMatrix(shape={tuple(self.shape)}, mdim={self.mdim})"
+        return f"FactoredMatrix: Shape({self.shape}), Hidden Dim({self.mdim})"

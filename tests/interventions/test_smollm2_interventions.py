@@ -47,7 +47,7 @@ def test_wavefront_matches_loop_and_dla_sums(smol):
     got = P.patch_sweep(m, corrupted, cache, metric, names, schedule="wavefront", logits_at=-1, progress=False)
     assert (got - ref).abs().max().item() <= 1e-4
     stack = A.get_full_resid_decomposition(cache, m, expand_neurons=False, apply_ln=True, pos_slice=-1)
-    dla = A.logit_attrs(m, stack, mary, john).sum(0)
+    dla = A.scaled_logit_attrs(m, stack, mary, john).sum(0)
     assert abs(dla.item() - metric(logits).item()) < 1e-3
 
 
