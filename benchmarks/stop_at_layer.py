@@ -1,6 +1,6 @@
 """``run_with_cache(stop_at_layer=k)`` vs the HF model's first k layers run by hand (``make bench-stop``).
 
-SmolLM2-135M-Instruct, batch 8 x 128 random tokens (fixed seed), all-ones attention mask, under
+SmolLM2-135M-Instruct, batch 4 x 64 random tokens (fixed seed), all-ones attention mask, under
 ``torch.no_grad``. For each k, in one process and round-robin (one call of each per round, so that
 load on the shared machine hits them alike), after warm-up:
 
@@ -97,8 +97,8 @@ def report(rows: list[dict], args, load_avg: float) -> str:
         f"{args.rounds} rounds after {args.warmup} warm-up, one call of each variant per round.",
         "",
         "- **HF by hand**: `embed_tokens` + HF's `create_causal_mask` + `rotary_emb` + `layers[:k]`.",
-        "- **fxlens, one site** (SAELens' call): `run_with_cache(ids, names_filter=[f\"blocks.{k-1}.hook_resid_post\"], "
-        "stop_at_layer=k)`.",
+        "- **fxlens, one site** (SAELens' call): "
+        "`run_with_cache(ids, names_filter=[f\"blocks.{k-1}.hook_resid_post\"], stop_at_layer=k)`.",
         "- **fxlens, all sites**: `run_with_cache(ids, stop_at_layer=k)` (every site before block k cached).",
         "",
         f"Target: median ratio (one site / HF) <= {TARGET}. *SDPA calls*: attention calls left in the stopped graph "
@@ -122,10 +122,10 @@ def report(rows: list[dict], args, load_avg: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 7, 15])
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()

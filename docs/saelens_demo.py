@@ -128,11 +128,10 @@ def markdown(r: dict) -> str:
                      f"| {e.get('metrics/l0', float('nan')):.1f} |")
     lines += ["", "## SAELens' in-training evals (`run_evals`)", ""]
     if evals:
-        lines += ["| step | CE without SAE | CE with SAE | CE zero-ablated | explained variance |", "|---:|---:|---:|---:|---:|"]
+        lines += ["| step | CE without SAE | CE with SAE | CE zero-ablated |", "|---:|---:|---:|---:|"]
         for e in evals:
-            lines.append(f"| {e['step']} | {e['metrics/ce_loss_without_sae']:.3f} | {e['metrics/ce_loss_with_sae']:.3f} "
-                         f"| {e['metrics/ce_loss_with_ablation']:.3f} | "
-                         f"{e.get('metrics/explained_variance_legacy', e.get('metrics/explained_variance', float('nan'))):.3f} |")
+            lines.append(f"| {e['step']} | {e['metrics/ce_loss_without_sae']:.3f} | "
+                         f"{e['metrics/ce_loss_with_sae']:.3f} | {e['metrics/ce_loss_with_ablation']:.3f} |")
     lines += [
         "",
         f"## Spliced back in (held-out text: {a['eval_desc']}, {r['eval_tokens']} tokens)",
@@ -155,16 +154,16 @@ def markdown(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", type=int, default=6)
-    ap.add_argument("--d-sae", type=int, default=2304)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-tokens", type=int, default=512)
-    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--d-sae", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-tokens", type=int, default=128)
+    ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--l1", type=float, default=2.0)
     ap.add_argument("--train-text", type=Path, nargs="+", default=None,
                     help="text files (default: five Austen novels from $FXLENS_AUSTEN, else README.md)")
     ap.add_argument("--eval-text", type=Path, default=None)
-    ap.add_argument("--eval-tokens", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=128)
     ap.add_argument("--json", type=Path, default=Path("/tmp/fxlens_saelens.json"))
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("/tmp/fxlens_saelens_out"))
@@ -182,7 +181,7 @@ def main() -> None:
     hook = f"blocks.{args.layer}.hook_resid_post"
     cfg = LanguageModelSAERunnerConfig(
         sae=StandardTrainingSAEConfig(d_in=m.cfg.d_model, d_sae=args.d_sae, l1_coefficient=args.l1),
-        model_name="SmolLM2-135M-Instruct (fxlens)", hook_name=hook, dataset_path="local text",
+        model_name="SmolLM2-135M-Instruct-fxlens", hook_name=hook, dataset_path="local text",
         is_dataset_tokenized=False, streaming=False, context_size=args.context,
         training_tokens=args.steps * args.batch_tokens, train_batch_size_tokens=args.batch_tokens,
         store_batch_size_prompts=8, n_batches_in_buffer=4, lr=args.lr, device="cpu", n_eval_batches=2,
@@ -191,7 +190,8 @@ def main() -> None:
         logger=LoggingConfig(log_to_wandb=True, wandb_log_frequency=max(1, args.steps // 6),
                              eval_every_n_wandb_logs=3, log_weights_to_wandb=False))
     t0 = time.perf_counter()
-    sae = LanguageModelSAETrainingRunner(cfg, override_model=m, override_dataset=Dataset.from_dict({"text": texts})).run()
+    data = Dataset.from_dict({"text": texts})
+    sae = LanguageModelSAETrainingRunner(cfg, override_model=m, override_dataset=data).run()
     train_s = time.perf_counter() - t0
     sae.eval()
     ids = m.to_tokens(" ".join(paragraphs([held])[:40]), prepend_bos=False)[0]

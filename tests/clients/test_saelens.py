@@ -29,7 +29,8 @@ def _saelens_importable() -> bool:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _saelens_importable(), reason="needs .venv-sae with sae_lens and fxlens: run make sae-install"),
+    pytest.mark.skipif(not _saelens_importable(),
+                       reason="needs .venv-sae with sae_lens and fxlens: run make sae-install"),
 ]
 
 
