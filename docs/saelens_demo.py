@@ -32,14 +32,24 @@ from sae_lens import (  # noqa: E402
 import fxlens  # noqa: E402
 
 LOGS: list[dict] = []
+PERF = "model_performance_preservation/"  # run_evals' CE metrics, as logged
 
 
 def _record_wandb() -> None:
     """Keep SAELens' logged metrics: ``wandb.init`` rebinds ``wandb.log``, so wrap it after init too."""
     init = wandb.init
 
+    def flat(data: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in data.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}/"))
+            elif isinstance(v, (int, float)):
+                out[prefix + k] = float(v)
+        return out
+
     def record(data: dict, step: int | None = None, **_) -> None:
-        LOGS.append({"step": step, **{k: float(v) for k, v in data.items() if isinstance(v, (int, float))}})
+        LOGS.append({"step": step, **flat(data)})
 
     def patched_init(*args, **kwargs):
         run = init(*args, **kwargs)
@@ -88,7 +98,7 @@ def splice_ce(m: fxlens.HookedModel, sae, hook: str, layer: int, tokens: torch.T
 def markdown(r: dict) -> str:
     a, c = r["args"], r["ce"]
     train = [e for e in r["logs"] if "losses/overall_loss" in e]
-    evals = [e for e in r["logs"] if "metrics/ce_loss_with_sae" in e]
+    evals = [e for e in r["logs"] if f"{PERF}ce_loss_with_sae" in e]
     lines = [
         "# SAELens on fxlens: an SAE trained on SmolLM2 activations",
         "",
@@ -130,8 +140,8 @@ def markdown(r: dict) -> str:
     if evals:
         lines += ["| step | CE without SAE | CE with SAE | CE zero-ablated |", "|---:|---:|---:|---:|"]
         for e in evals:
-            lines.append(f"| {e['step']} | {e['metrics/ce_loss_without_sae']:.3f} | "
-                         f"{e['metrics/ce_loss_with_sae']:.3f} | {e['metrics/ce_loss_with_ablation']:.3f} |")
+            lines.append(f"| {e['step']} | {e[PERF + 'ce_loss_without_sae']:.3f} | "
+                         f"{e[PERF + 'ce_loss_with_sae']:.3f} | {e[PERF + 'ce_loss_with_ablation']:.3f} |")
     lines += [
         "",
         f"## Spliced back in (held-out text: {a['eval_desc']}, {r['eval_tokens']} tokens)",
