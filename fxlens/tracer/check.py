@@ -219,7 +219,7 @@ def _check_resid(res: SiteCheck, model, cache, hs, rec: _Recorder) -> None:
         elif block in rec.inputs:
             res._record("resid", f"blocks.{L}.hook_resid_pre", cache[f"blocks.{L}.hook_resid_pre"], rec.inputs[block])
         if block in rec.outputs:
-            post = cache[f"blocks.{L}.ln2.hook_normalized"] if fam.post_norm else cache[f"blocks.{L}.hook_resid_post"]
+            post = cache[f"blocks.{L}.ln2.hook_out"] if fam.post_norm else cache[f"blocks.{L}.hook_resid_post"]
             res._record("resid", f"blocks.{L}.hook_resid_post", post, _first(rec.outputs[block]))
     if not res.classes.get("resid"):
         res._skip("resid", "no hidden_states and no block hooks fired")
@@ -239,8 +239,13 @@ def _check_modules(res: SiteCheck, model, cache, rec: _Recorder, config) -> None
             res._record("embed", name, got, out * _embed_scale(config))
         elif name == "hook_pos_embed" and out is not None:
             res._record("embed", name, got, out.expand_as(got) if out.dim() == got.dim() else out)
-        elif leaf == "hook_normalized" and out is not None:
+        elif leaf == "hook_out" and out is not None:
             res._record("norm", name, got, out)
+        elif leaf == "hook_normalized" and inp is not None:  # TL's pre-weight vector, from the module input
+            mod = hf.get_submodule(mod_path)
+            xd = inp.double()
+            xc = xd - xd.mean(-1, keepdim=True) if _centres(mod, inp) else xd
+            res._record("norm", name, got, (xc / _ref_scale(mod, inp)).to(got.dtype))
         elif leaf == "hook_scale" and inp is not None:
             res._record("norm", name, got, _ref_scale(hf.get_submodule(mod_path), inp))
         elif leaf in ("hook_attn_out", "hook_mlp_out"):
@@ -298,7 +303,7 @@ def _check_identities(res: SiteCheck, model, cache, config) -> None:
                 res._record("decompose", f"{p}.hook_resid_mid",
                             cache[f"{p}.hook_resid_pre"] + cache[f"{p}.hook_attn_out"], cache[f"{p}.hook_resid_mid"])
             res._record("decompose", f"{p}.hook_resid_post",
-                        cache[f"{p}.ln1.hook_normalized"] + cache[f"{p}.hook_mlp_out"], cache[f"{p}.hook_resid_post"])
+                        cache[f"{p}.ln1.hook_out"] + cache[f"{p}.hook_mlp_out"], cache[f"{p}.hook_resid_post"])
         res._skip("heads", "post-norm blocks: hook_attn_out is checked against the HF module instead")
         return
     parts = [cache["hook_embed"]] + ([cache["hook_pos_embed"]] if "hook_pos_embed" in cache else [])
