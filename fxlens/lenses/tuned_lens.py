@@ -168,4 +168,4 @@ class TunedLens(Lens):
 
     def unembedding_matches(self) -> bool:
         """Whether the model's unembedding is the one the lens was trained through."""
-        return self.config.unembed_hash == self.unembed.unembedding_hash()
+        return self.config.unembed_hash in (self.unembed.unembedding_hash(), self.unembed.legacy_hash())

@@ -77,6 +77,14 @@ class Unembed(nn.Module):
         return self.logits_from_normalized(self.normalize(h))
 
     def unembedding_hash(self) -> str:
-        """SHA-256 of the unembedding matrix (float32 bytes): identifies the model a lens belongs to."""
+        """tuned-lens' hash of the unembedding (``sha256(np.array_str(W, precision=1))`` of the float32
+        ``[d_vocab, d_model]`` matrix), so lenses move between the two libraries without false alarms."""
+        import numpy as np
+
+        w = self.weight.detach().to("cpu", torch.float32).numpy()
+        return hashlib.sha256(np.array_str(w, precision=1).encode()).hexdigest()
+
+    def legacy_hash(self) -> str:
+        """The hash fxlens wrote before (SHA-256 of the float32 bytes), still accepted on load."""
         w = self.weight.detach().to("cpu", torch.float32).contiguous()
         return hashlib.sha256(w.numpy().tobytes()).hexdigest()
