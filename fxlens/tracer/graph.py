@@ -149,14 +149,15 @@ def follow_identity(node: fx.Node) -> fx.Node:
     return node
 
 
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """All nodes ``node`` depends on (inclusive)."""
+def ancestors(node: fx.Node, values_only: bool = False) -> set[fx.Node]:
+    """All nodes ``node`` depends on (inclusive); ``values_only``: not through ``sym_size`` (a shape read)."""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
-            todo.extend(n.all_input_nodes)
+            if not (values_only and n.target is torch.ops.aten.sym_size.int):
+                todo.extend(n.all_input_nodes)
     return seen
 
 

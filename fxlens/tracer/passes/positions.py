@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..graph import module_path
+from ..graph import ancestors, module_path
 
 aten = torch.ops.aten
 
@@ -20,18 +20,6 @@ aten = torch.ops.aten
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """``[batch, pos]`` position of each token counted from the row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _value_ancestors(node: fx.Node) -> set[fx.Node]:
-    """Nodes whose *values* ``node`` depends on (a ``sym_size`` reads only a shape)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            if n.target is not aten.sym_size.int:
-                todo.extend(n.all_input_nodes)
-    return seen
 
 
 def mask_positions(gm: fx.GraphModule, pos_embed: str | None) -> bool:
@@ -47,7 +35,7 @@ def mask_positions(gm: fx.GraphModule, pos_embed: str | None) -> bool:
     if mask is None or len(lookups) != 1:
         return False
     (lookup,) = lookups
-    if mask in _value_ancestors(lookup.args[1]):
+    if mask in ancestors(lookup.args[1], values_only=True):
         return False
     with graph.inserting_before(lookup):
         pos = graph.call_function(positions_from_mask, (mask,))
