@@ -131,6 +131,10 @@ class HookStore:
                 p = self._points[site] = HookPoint(site, self)
             return p
 
+    def state(self) -> tuple[tuple[Hook, ...], tuple[Hook, ...]]:
+        """``(model-wide, this context's)`` entries; each tuple is replaced, never mutated, on a change."""
+        return self._shared, self._context.get()
+
     def entries(self) -> tuple[Hook, ...]:
         """Every hook visible to the current thread/context, in registration order."""
         return tuple(sorted((*self._shared, *self._context.get()), key=lambda h: h.seq))
@@ -199,10 +203,17 @@ class StoreCall(HookCall):
     def __init__(self, store: HookStore, hooked: frozenset[str], extra: tuple[Hook, ...] = (),
                  use_store: bool = True):
         self.store, self.hooked, self.extra, self.use_store = store, hooked, extra, use_store
+        self._seen: tuple | None = None
+        self._index: dict[tuple[str, str], list[HookFn]] = {}
 
     def fns(self, site: str, dir: str) -> list[HookFn]:
-        hooks = (*self.store.entries(), *self.extra) if self.use_store else self.extra
-        return [h.fn for h in sorted(hooks, key=lambda h: h.seq) if h.site == site and h.dir == dir]
+        state = self.store.state() if self.use_store else ((), ())
+        if self._seen is None or any(a is not b for a, b in zip(state, self._seen)):
+            # first call, or hooks were added/removed since: index once, not once per site
+            self._seen, self._index = state, {}
+            for h in sorted((*state[0], *state[1], *self.extra), key=lambda h: h.seq):
+                self._index.setdefault((h.site, h.dir), []).append(h.fn)
+        return list(self._index.get((site, dir), ()))
 
     def point(self, site: str) -> HookPoint:
         return self.store.point(site)
