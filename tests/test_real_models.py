@@ -39,8 +39,8 @@ def test_smollm2_sites_match_hf_hidden_states(smol):
         assert (cache["resid_post", L] - hs[L + 1]).abs().max().item() <= 1e-4
     assert (cache["ln_final.hook_out"] - hs[-1]).abs().max().item() <= 1e-5
     assert smol.cfg.n_kv_heads == 3 and smol.cfg.n_heads == 9
-    assert len(smol.hook_names) == 21 * 30 + 3  # 21 per block + embed + ln_final x2
-    assert len(smol.all_hook_names) == 25 * 30 + 3  # + 4 split-input sites per block
+    assert len(smol.hook_names) == 23 * 30 + 4  # 23 per block + embed + ln_final x3
+    assert len(smol.all_hook_names) == 27 * 30 + 4  # + 4 split-input sites per block
 
 
 def test_token_utilities(smol):
