@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -255,7 +256,7 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         grads: dict[str, torch.Tensor] = {}
         bwd = [(n, lambda g, hook: grads.__setitem__(hook.name + "_grad", g.detach())) for n in names] if incl_bwd \
             else []
-        with torch.enable_grad() if incl_bwd else _nullcontext():
+        with torch.enable_grad() if incl_bwd else nullcontext():
             run = self.run(input, names=names, bwd_hooks=bwd, stop_at_layer=stop_at_layer,
                            attention_mask=attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
             out = self._finish(run, return_type, stop is not None, loss_per_token)
@@ -270,8 +271,7 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
 
             z_only = ActivationCache(data, model=self)
             data.update({r: head_results(z_only, self, layer_of(r)) for r in results})
-            data = {k: v for k, v in data.items() if k in results or k not in
-                    {r.replace("hook_result", "hook_z") for r in results} or k in names_kept}
+            data = {k: v for k, v in data.items() if k in names_kept or k in results}  # drop z cached only for them
         data.update({k: grads[k] for k in sorted(grads, key=lambda k: names.index(k[:-5]))})
         if pos_slice is not None:
             data = {k: _slice_pos(k[:-5] if k.endswith("_grad") else k, v, pos_slice) for k, v in data.items()}
@@ -358,14 +358,6 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
                 f"{c.n_kv_heads}, {len(self.hook_names)} sites)")
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _refuse(unsupported: dict) -> None:
     if unsupported:
         raise TypeError(f"unsupported keyword(s) {sorted(unsupported)}: fxlens' forward takes return_type, "
@@ -379,6 +371,7 @@ def _slice_pos(name: str, x: torch.Tensor, pos_slice) -> torch.Tensor:
     ax = next((i for i, d in enumerate(dims) if d in ("pos", "q_pos")), None)
     if ax is None:
         return x
-    sl = slice(*pos_slice) if isinstance(pos_slice, tuple) else pos_slice  # TL's Slice: an int drops the dim
-    return x[(slice(None),) * ax + (sl,)]
+    from .utils import Slice
+
+    return Slice(pos_slice).apply(x, dim=ax)  # TL's Slice: an int drops the dim
 
