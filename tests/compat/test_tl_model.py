@@ -115,3 +115,17 @@ def test_use_attn_result_caches_hook_result_summing_to_attn_out():
             m.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_result", lambda x, hook: x)])
     finally:
         m.set_use_attn_result(False)
+
+
+def test_loss_per_token_of_a_padded_batch_follows_tl():
+    from fxlens import utils
+
+    m = traced("llama")
+    ids = tokens(2, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        logits = m(ids, attention_mask=mask)
+        per = m(ids, return_type="loss", loss_per_token=True, attention_mask=mask)
+    ref = utils.lm_cross_entropy_loss(logits, ids, attention_mask=mask, per_token=True)  # TL's rule (tl_reference)
+    torch.testing.assert_close(per, ref)
+    assert per[0, :2].abs().max() == 0 and per[1].abs().min() > 0
