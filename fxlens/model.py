@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .binding import fingerprint, rebind
+from .binding import Snapshot, fingerprint, rebind
 from .cache import ActivationCache
 from .config import ModelConfig
 from .hook_api import HookAPIMixin, HookList, NameFilter
@@ -79,6 +79,7 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         self._split_index: dict | None = None
         self.all_hook_names: list[str] = sorted(sites, key=self._site_order)
         self._bound = fingerprint(self.hf_model)
+        self._snapshot = Snapshot(self.hf_model)
 
     def _site_order(self, name: str) -> tuple:
         return site_rank(name, self.cfg.n_layers)
@@ -117,8 +118,11 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         added or removed modules) re-captures the model. In-place value edits need neither.
         """
         with self._lock:
+            if self._snapshot.unchanged():
+                return
             now = fingerprint(self.hf_model)
             if now == self._bound:
+                self._snapshot = Snapshot(self.hf_model)
                 return
             if now.training:
                 raise RuntimeError(f"the HF model is in training mode ({now.training[0]} and others): fxlens runs "

@@ -125,3 +125,23 @@ def test_training_mode_is_refused():
     m.hf_model.train()
     with pytest.raises(RuntimeError, match="training mode.*eval"):
         m(ids)
+
+
+def test_parameter_written_into_the_module_dict_is_rebound():
+    """The per-call check reads the modules' own tensor dicts: a write that bypasses setattr is seen."""
+    m, ids = _fresh(), tokens(2, 6)
+    m(ids)
+
+    def change(hf):
+        lin = hf.model.layers[0].self_attn.o_proj
+        vars(lin)["_parameters"]["weight"] = nn.Parameter(torch.randn_like(lin.weight))
+    _changed(m, ids, change)
+
+
+def test_dtype_move_outside_fxlens_is_recaptured():
+    """``hf_model.to(dtype)`` rewrites ``param.data`` in place (same Parameter objects): still detected."""
+    m, ids = _fresh(), tokens(2, 6)
+    m(ids)
+    m.hf_model.to(torch.bfloat16)
+    assert m(ids).dtype == torch.bfloat16
+    assert _err(m, ids) <= 1e-5
