@@ -61,12 +61,11 @@ class Snapshot:
 
     ``unchanged()`` is True only if no module, tensor object, tensor shape/dtype/device, module
     scalar (``training`` included) or config scalar differs from when the snapshot was taken; when
-    it is False the caller compares full fingerprints. About 0.3 ms on SmolLM2 (fingerprint: 3 ms).
+    it is False the caller compares full fingerprints. 0.6 ms on SmolLM2 (fingerprint: 2.9 ms).
     """
 
     def __init__(self, model: nn.Module) -> None:
         modules = list(model.modules())
-        self._types = [type(m) for m in modules]
         self._modules = modules
         self._dicts = [d for m in modules for d in (vars(m)["_parameters"], vars(m)["_buffers"], vars(m)["_modules"])]
         self._tensors = list(chain(model.parameters(), model.buffers()))
