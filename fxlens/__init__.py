@@ -1,9 +1,10 @@
 """fxlens: TransformerLens-style hooks, caches and lenses on unmodified HuggingFace models."""
 
-from . import utils
+from . import hook_points, utils
 from .cache import ActivationCache, act_name
 from .config import ModelConfig
-from .hooked_transformer import HookedRootModule, HookedTransformer
+from .hook_points import HookedRootModule
+from .hooked_transformer import HookedTransformer
 from .hooks import HookPoint
 from .interventions import evals, patching
 from .interventions.factored_matrix import FactoredMatrix
@@ -14,7 +15,7 @@ from .tracer.locate import SiteError
 
 __all__ = [
     "ActivationCache", "CaptureError", "FactoredMatrix", "HookPoint", "HookedModel", "HookedRootModule",
-    "HookedTransformer", "ModelConfig", "SiteError", "act_name", "evals", "from_pretrained", "offline_model_path",
-    "patching", "trace", "utils",
+    "HookedTransformer", "ModelConfig", "SiteError", "act_name", "evals", "from_pretrained", "hook_points",
+    "offline_model_path", "patching", "trace", "utils",
 ]
 __version__ = "0.1.0"

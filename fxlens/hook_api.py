@@ -26,8 +26,9 @@ class HookAPIMixin:
     # -- names --------------------------------------------------------------------------
     def _unknown(self, name: str) -> KeyError:
         if name.endswith("attn.hook_result"):
-            return KeyError(f"{name} can be cached (model.set_use_attn_result(True), then run_with_cache) but not "
-                            "hooked in fxlens: hook attn.hook_z, which it is computed from, per head instead")
+            return KeyError(f"{name} is not available in this {self.cfg.family} model: its heads' results do not "
+                            "sum to hook_attn_out (the attention output is normed or scaled after the projection); "
+                            "hook attn.hook_z per head instead")
         close = difflib.get_close_matches(name, self.all_hook_names, n=5, cutoff=0.5)
         return KeyError(f"unknown site {name!r} for this {self.cfg.family} model; closest: {close}")
 
@@ -51,6 +52,10 @@ class HookAPIMixin:
         order = {n: i for i, n in enumerate(self.all_hook_names)}
         return sorted(set(names), key=order.__getitem__)
 
+    def extra_hook_names(self, listed: bool = False) -> list[str]:
+        """Hookable names that are not graph sites (``listed``: those a predicate may match)."""
+        return []
+
     @property
     def all_hook_names_set(self) -> frozenset[str]:
         return frozenset(self.all_hook_names)
@@ -69,7 +74,12 @@ class HookAPIMixin:
             if not (isinstance(name, str) or callable(name)):
                 raise TypeError(f"a hook's name must be a site name or a predicate fn(name) -> bool, "
                                 f"not {type(name).__name__} ({name!r})")
-            sites = self.resolve(name if callable(name) else [name])
+            extra = self.extra_hook_names(listed=callable(name))
+            if isinstance(name, str) and name in extra:
+                sites = [name]
+            else:
+                sites = self.resolve(name if callable(name) else [name]) + [n for n in extra if callable(name)
+                                                                            and name(n)]
             out += [Hook(site, fn, dir, permanent) for site in sites]
         return out
 

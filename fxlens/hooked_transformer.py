@@ -79,7 +79,3 @@ class HookedTransformer(HookedModel):
         """``from_pretrained`` without weight processing (logits equal the HF model's)."""
         return cls.from_pretrained(model_name, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases, **kwargs)
-
-
-#: TransformerLens' base class name: every fxlens model is one.
-HookedRootModule = HookedModel

@@ -24,6 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .tracer.sites import layer_of
 
@@ -31,20 +32,33 @@ HookFn = Callable[..., "torch.Tensor | None"]
 _SEQ = itertools.count()
 
 
-class HookPoint:
-    """What a hook function receives as ``hook``: the site's name, ``ctx`` and helpers.
+class HookPoint(nn.Module):
+    """A site: what a hook function receives as ``hook``, and TransformerLens' identity module.
+
+    In a traced model it names a graph site (``name``, ``ctx``, ``layer()``, ``add_hook``); in a
+    hand-written :class:`~fxlens.hook_points.HookedRootModule` it is also the identity module the
+    model calls (``self.hook_square(x * x)``), running the hooks registered for it.
 
     ``ctx`` is a dict that persists across calls (TransformerLens' ``hook.ctx``) until
     ``reset_hooks(clear_contexts=True)``. ``pos_offset`` is how many positions came before the
     current call (non-zero only during cached generation, where ``generating`` is True).
     """
 
-    def __init__(self, name: str, store: HookStore | None = None):
+    def __init__(self, name: str | None = None, store: HookStore | None = None):
+        super().__init__()
         self.name = name
         self.ctx: dict = {}
         self.pos_offset = 0
         self.generating = False
         self._store = store
+
+    def bind(self, name: str, store: HookStore) -> None:
+        """Attach this module to ``store`` under ``name`` (done by ``HookedRootModule.setup``)."""
+        self.name, self._store = name, store
+        store.adopt(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._store is None else self._store.run(self.name, x)
 
     def layer(self) -> int:
         """Block index of this site; raises for sites outside blocks."""
@@ -53,16 +67,20 @@ class HookPoint:
             raise ValueError(f"{self.name} is not inside a block")
         return L
 
-    def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False) -> None:
+    def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False, level: int | None = None,
+                 prepend: bool = False) -> None:
         """Add a model-wide hook at this site (as ``model.add_hook(self.name, ...)``)."""
         if self._store is None:
-            raise ValueError(f"{self!r} belongs to no model")
-        self._store.add_shared([Hook(self.name, hook, dir, is_permanent)])
+            raise ValueError(f"{self!r} belongs to no model (call setup() on the root module first)")
+        self._store.add_shared([Hook(self.name, hook, dir, is_permanent)], prepend=prepend)
 
-    def remove_hooks(self, dir: str = "both", including_permanent: bool = False) -> None:
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
         """Remove this site's model-wide and context hooks (permanent ones only if asked)."""
         if self._store is not None:
             self._store.reset(dir=dir, including_permanent=including_permanent, site=self.name)
+
+    def clear_context(self) -> None:
+        self.ctx.clear()
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r})"
@@ -130,6 +148,16 @@ class HookStore:
             if p is None:
                 p = self._points[site] = HookPoint(site, self)
             return p
+
+    def adopt(self, point: HookPoint) -> None:
+        """Use ``point`` (a module of a hand-written root module) as the hook point of its site."""
+        with self._lock:
+            self._points[point.name] = point
+
+    def run(self, site: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply the hooks visible now at ``site`` to ``x``, outside any graph (module hook points)."""
+        with calling(StoreCall(self, frozenset(self._points))):
+            return run_hook(site, x)
 
     def state(self) -> tuple[tuple[Hook, ...], tuple[Hook, ...]]:
         """``(model-wide, this context's)`` entries; each tuple is replaced, never mutated, on a change."""
@@ -201,8 +229,9 @@ class StoreCall(HookCall):
     """A forward of a model: hooks are looked up live in its store (the caller's context)."""
 
     def __init__(self, store: HookStore, hooked: frozenset[str], extra: tuple[Hook, ...] = (),
-                 use_store: bool = True):
+                 use_store: bool = True, expand: Callable[[list[Hook]], list[Hook]] | None = None):
         self.store, self.hooked, self.extra, self.use_store = store, hooked, extra, use_store
+        self.expand = expand  # rewrites entries at non-graph sites (attn.hook_result) into graph ones
         self._seen: tuple | None = None
         self._index: dict[tuple[str, str], list[HookFn]] = {}
 
@@ -211,7 +240,8 @@ class StoreCall(HookCall):
         if self._seen is None or any(a is not b for a, b in zip(state, self._seen)):
             # first call, or hooks were added/removed since: index once, not once per site
             self._seen, self._index = state, {}
-            for h in sorted((*state[0], *state[1], *self.extra), key=lambda h: h.seq):
+            entries = sorted((*state[0], *state[1], *self.extra), key=lambda h: h.seq)
+            for h in self.expand(entries) if self.expand else entries:
                 self._index.setdefault((h.site, h.dir), []).append(h.fn)
         return list(self._index.get((site, dir), ()))
 

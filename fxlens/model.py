@@ -14,10 +14,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import fx, nn
 
+from . import head_results
 from .binding import Snapshot, fingerprint, rebind
 from .cache import ActivationCache
 from .config import ModelConfig
@@ -80,6 +82,10 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         self.all_hook_names: list[str] = sorted(sites, key=self._site_order)
         self._bound = fingerprint(self.hf_model)
         self._snapshot = Snapshot(self.hf_model)
+
+    def extra_hook_names(self, listed: bool = False) -> list[str]:
+        """``attn.hook_result`` (hookable, not a graph site; see :mod:`fxlens.head_results`)."""
+        return head_results.result_names(self, listed)
 
     def _site_order(self, name: str) -> tuple:
         return site_rank(name, self.cfg.n_layers)
@@ -193,7 +199,12 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         stop = self._stop(stop_at_layer)
         ids, mask = model_inputs(self, input, attention_mask, prepend_bos, padding_side)
         hooked = frozenset(h.site for h in ((*self._hooks.entries(), *extra) if use_model_hooks else extra))
-        with calling(StoreCall(self._hooks, hooked, extra, use_model_hooks)):
+        expand = None
+        if any(map(head_results.is_result, hooked)):
+            head_results.check_exact(self)
+            hooked = frozenset(g for s in hooked for g in head_results.graph_sites(s))
+            expand = partial(head_results.expand, W_O=lambda L: self.W_O[L], point=self._hooks.point)
+        with calling(StoreCall(self._hooks, hooked, extra, use_model_hooks, expand)):
             out = self.graph(Request(cache=names, hooks=hooked, stop_at_layer=stop))(ids, mask)
         out = out if isinstance(out, tuple) else (out,)
         return Run(ids, mask, out[0], {n: v.detach() for n, v in zip(names, out[1:])})
@@ -248,6 +259,9 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         _refuse(unsupported)
         stop = self._stop(stop_at_layer)
         names_filter, results = self._split_results(names_filter, stop)
+        # a hooked attn.hook_result is cached after its hooks, as TL's caching hook runs after the user's
+        hooked_results = sorted(set(results) & {h.site for h in self._hooks.entries()})
+        results = [r for r in results if r not in hooked_results]
         names = self.resolve(names_filter)
         names_kept = set(names)
         names += [z for z in (r.replace("hook_result", "hook_z") for r in results) if z not in names]
@@ -260,8 +274,10 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         grads: dict[str, torch.Tensor] = {}
         bwd = [(n, lambda g, hook: grads.__setitem__(hook.name + "_grad", g.detach())) for n in names] if incl_bwd \
             else []
+        kept: dict[str, torch.Tensor] = {}
+        fwd = [(r, lambda x, hook: kept.__setitem__(hook.name, x.detach())) for r in hooked_results]
         with torch.enable_grad() if incl_bwd else nullcontext():
-            run = self.run(input, names=names, bwd_hooks=bwd, stop_at_layer=stop_at_layer,
+            run = self.run(input, names=names, fwd_hooks=fwd, bwd_hooks=bwd, stop_at_layer=stop_at_layer,
                            attention_mask=attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
             out = self._finish(run, return_type, stop is not None, loss_per_token)
             if incl_bwd:
@@ -269,13 +285,13 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
                 if not isinstance(target, torch.Tensor) or target.numel() != 1:
                     raise ValueError("incl_bwd=True runs output.backward(): use return_type='loss' (a scalar)")
                 target.backward()
-        data = dict(run.cache)
+        data = dict(run.cache) | kept
         if results:
             from .interventions.analysis import head_results
 
             z_only = ActivationCache(data, model=self)
             data.update({r: head_results(z_only, self, layer_of(r)) for r in results})
-            data = {k: v for k, v in data.items() if k in names_kept or k in results}  # drop z cached only for them
+            data = {k: v for k, v in data.items() if k in names_kept or k in results or k in kept}  # z only for them
         data.update({k: grads[k] for k in sorted(grads, key=lambda k: names.index(k[:-5]))})
         if pos_slice is not None:
             data = {k: _slice_pos(k[:-5] if k.endswith("_grad") else k, v, pos_slice) for k, v in data.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .interventions.weights import norm_affine
+from .tl_params import tl_named_parameters
 
 
 class _Slice:
@@ -35,6 +36,11 @@ class _Norm:
 
     def __init__(self, model, path: str | None, label: str):
         self._model, self._path, self._label = model, path, label
+
+    @property
+    def exists(self) -> bool:
+        """Whether the model has this norm (post-norm or norm-free blocks may not)."""
+        return self._path is not None
 
     def _affine(self):
         if self._path is None:
@@ -102,10 +108,15 @@ class TLModulesMixin:
 
     # -- parameters, as nn.Module users expect -----------------------------------------
     def parameters(self, recurse: bool = True):
+        """The HF model's parameters (the leaves an optimiser or ``requires_grad_`` loop needs)."""
         return self.hf_model.parameters(recurse)
 
-    def named_parameters(self, *args, **kwargs):
-        return self.hf_model.named_parameters(*args, **kwargs)
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """TransformerLens' names and shapes (``blocks.0.attn.W_Q [n_heads, d_model, d_head]``,
+        ``embed.W_E``, ``unembed.W_U``); see :mod:`fxlens.tl_params`. The HF names are
+        ``model.hf_model.named_parameters()``."""
+        pre = f"{prefix}." if prefix else ""
+        return ((pre + n, p) for n, p in tl_named_parameters(self))
 
     def state_dict(self, *args, **kwargs):
         return self.hf_model.state_dict(*args, **kwargs)

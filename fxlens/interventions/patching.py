@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import act_name
+from .attribution import GRIDS as ATTRIBUTION_GRIDS
+from .attribution import attribution_patch
 from .patches import ReplacePatch
 from .sweep import (
     Cell,
@@ -29,7 +31,8 @@ from .sweep import (
     run_cells,
 )
 
-__all__ = ["generic_activation_patch", "patch_sweep", "parse_bytes", "rows_for_memory"]
+__all__ = ["ATTRIBUTION_GRIDS", "attribution_patch", "generic_activation_patch", "patch_sweep", "parse_bytes",
+           "rows_for_memory"]
 
 
 # -- TransformerLens' patch setters -------------------------------------------------------------

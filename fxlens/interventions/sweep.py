@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import ActivationCache
+from ..head_results import is_result
 from ..tracer.sites import layer_of
 from .patches import Patch, ReplacePatch, region_mask, site_dims
 from .wavefront import Cell, GroupHooks, Segments, apply_cell, run_wavefront
@@ -59,8 +60,10 @@ def _cells(model, x_like: dict[str, torch.Tensor], sites: Sequence[str], by_pos:
     cells, shape = [], None
     for site in sites:
         x = x_like[site]
-        pos = _positions(x.shape[1], positions)
-        head_ax = next((i for i, d in enumerate(site_dims(site)) if d in ("n_heads", "n_kv_heads")), None)
+        dims = site_dims(site)
+        pos_ax = next((i for i, d in enumerate(dims) if d in ("pos", "q_pos")), 1)  # patterns: [b, h, q, k]
+        pos = _positions(x.shape[pos_ax], positions)
+        head_ax = next((i for i, d in enumerate(dims) if d in ("n_heads", "n_kv_heads")), None)
         n_heads = x.shape[head_ax] if head_ax is not None else None
         if by_head and n_heads is None:
             raise ValueError(f"by_head needs a head dim; {site} has none")
@@ -231,6 +234,10 @@ def run_cells(model, ids: torch.Tensor, mask: torch.Tensor, cells: list[Cell], p
     user: dict[str, list] = {}
     for site, fn in model.active_hooks("fwd"):
         user.setdefault(site, []).append(fn)
+    results_hooked = [s for s in user if is_result(s)]
+    if results_hooked and schedule != "loop":
+        raise ValueError(f"hooks at {results_hooked} are active: attn.hook_result is not a graph site, so only "
+                         "schedule='loop' runs them in a sweep (or hook attn.hook_z per head instead)")
 
     if schedule == "loop":
         log.info("patch_sweep: schedule=loop, %d cells", len(cells))

@@ -57,7 +57,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def setup():
     m = traced("llama")  # GQA: 4 query heads, 2 KV heads
-    clean, corrupt = tokens(1, 4, seed=2), tokens(1, 4, seed=3)
+    clean, corrupt = tokens(1, 5, seed=2), tokens(1, 5, seed=3)  # 5 positions, 4 heads: axes cannot be confused
     corrupt[0, :1] = clean[0, :1]  # a shared first token: some cells are answered without compute
     _, cache = m.run_with_cache(clean)
     return m, corrupt, cache
