@@ -41,11 +41,11 @@ def load(text: str = PROMPT, processed: bool = False):
 
     import fxlens
 
-    path = fxlens.offline_model_path("smollm2")  # the dequantised safetensors folder
-    m = fxlens.HookedTransformer.from_pretrained(str(path)) if processed else fxlens.from_pretrained(path)
-    tok = m.tokenizer
+    gguf = fxlens.offline_model_path("smollm2")
+    m = fxlens.HookedTransformer.from_pretrained(gguf) if processed else fxlens.from_pretrained(gguf)
+    path, tok = m.hf_model.config._name_or_path, m.tokenizer  # the dequantised safetensors folder
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf, tokenizer=tok, device="cpu")
+    bridge = TransformerBridge.boot_transformers(path, hf_model=hf, tokenizer=tok, device="cpu")
     if processed:
         bridge.enable_compatibility_mode(disable_warnings=True)
     ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False).input_ids]])
@@ -86,7 +86,8 @@ def parity(text: str = PROMPT, processed: bool = False) -> dict:
         hooked = compare(m.run_with_hooks(ids, fwd_hooks=edit), bridge.run_with_hooks(ids, fwd_hooks=edit),
                          "logits, hook_normalized doubled")
     only_fx = sorted(set(fx.keys()) - set(tl.keys()))
-    return {"processed": processed, "tokens": ids.shape[1], "atol": ATOL, "rtol": RTOL, "rows": rows, "logits": logits, "hooked": hooked,
+    return {"processed": processed, "tokens": ids.shape[1], "atol": ATOL, "rtol": RTOL, "rows": rows,
+            "logits": logits, "hooked": hooked,
             "n_sites": len(rows), "n_differ": sum(not r["ok"] for r in rows),
             "fxlens_only": sorted({re.sub(r"^blocks\.\d+\.", "blocks.{L}.", n) for n in only_fx})}
 

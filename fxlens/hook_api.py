@@ -25,6 +25,9 @@ class HookAPIMixin:
 
     # -- names --------------------------------------------------------------------------
     def _unknown(self, name: str) -> KeyError:
+        if name in self.extra_hook_names():
+            return KeyError(f"{name} is computed from hook_z, not a graph site: hook it by name, or cache it with "
+                            "run_with_cache after model.set_use_attn_result(True)")
         if name.endswith("attn.hook_result"):
             return KeyError(f"{name} is not available in this {self.cfg.family} model: its heads' results do not "
                             "sum to hook_attn_out (the attention output is normed or scaled after the projection); "

@@ -64,7 +64,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         scale = next((s for n, s in sites.items() if n.endswith(".hook_scale")), None)
         ln_op = nodes[scale.extra["op"]].target if scale is not None else None
         extra = {"family": asdict(family), "heads": list(heads), "capture_seconds": cap.seconds,
-                 "capture_mode": cap.mode,
+                 "capture_mode": cap.mode, "capture_how": cap.how,
                  "d_mlp": _d_mlp(config, nodes, sites),
                  "norm": "LN" if ln_op is torch.ops.aten.layer_norm.default else "RMS"}
         if use_cache:
@@ -80,6 +80,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
                         recapture=recapture)
     model.graph_from_cache = hit is not None
     model.capture_mode = extra.get("capture_mode", "dynamic")  # "auto": exported with Dim.AUTO (warned)
+    model.capture_how = extra.get("capture_how", "full export")  # or "by block: ..." (fxlens.tracer.replicate)
     return model
 
 

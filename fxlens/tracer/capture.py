@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ from torch import fx, nn
 from torch.export import Dim
 
 from .graph import getattr_path
+
+log = logging.getLogger("fxlens.capture")
 
 
 class CaptureError(RuntimeError):
@@ -34,6 +38,7 @@ class Captured:
     output: str
     seconds: float
     mode: str = "dynamic"
+    how: str = "full export"
 
 
 def _example_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +49,12 @@ def _example_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tenso
     return ids, torch.ones_like(ids)
 
 
-def capture(model: nn.Module) -> Captured:
+def capture(model: nn.Module, by_block: bool = True) -> Captured:
     """Export ``model`` with dynamic batch and sequence and normalise the graph.
+
+    ``by_block``: export a two-block stand-in and repeat block 1 per layer where the blocks are
+    provably alike and the result reproduces the model exactly (:mod:`fxlens.tracer.replicate`);
+    otherwise (and with ``FXLENS_BY_BLOCK=0``) the whole model is exported, and ``how`` says why.
 
     Only arguments ``forward`` names are passed (``use_cache=False`` where it is one; else
     ``config.use_cache`` is off while exporting). When named dims violate a constraint the
@@ -56,6 +65,20 @@ def capture(model: nn.Module) -> Captured:
     logits for ``*ForCausalLM`` models, the last hidden state for base models.
     Raises ``CaptureError`` with the reason when export fails.
     """
+    if by_block and os.environ.get("FXLENS_BY_BLOCK", "1") != "0":
+        from .replicate import NotReplicable, capture_by_block
+
+        t0 = time.perf_counter()
+        try:
+            cap, how = capture_by_block(model, lambda m: capture(m, by_block=False))
+        except (NotReplicable, CaptureError) as e:
+            log.info("%s: full export (%s)", type(model).__name__, e)
+            cap = capture(model, by_block=False)
+            cap.how = f"full export ({e})"
+            return cap
+        cap.seconds, cap.how = time.perf_counter() - t0, how
+        log.info("%s: %s, %.1f s", type(model).__name__, how, cap.seconds)
+        return cap
     device = next(model.parameters()).device
     ids, mask = _example_inputs(model, device)
     n_ctx = _n_ctx(model.config)

@@ -108,3 +108,9 @@ def test_a_model_scaling_attn_out_after_the_projection_is_exact_or_refused():
         return
     ref = _hf_without_head(hf, hf.model.layers[0].self_attn.o_proj, 1, m.cfg.d_head, ids)
     assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_run_names_a_result_site_with_the_way_to_get_it():
+    m = traced("llama")
+    with pytest.raises(KeyError, match="computed from hook_z, not a graph site.*set_use_attn_result"):
+        m.run(tokens(1, 4), names=["blocks.0.attn.hook_result"])
