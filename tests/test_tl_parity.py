@@ -35,9 +35,13 @@ def _tl_python() -> str:
 
 
 @pytest.mark.slow
-def test_every_tl_site_equals_transformer_lens(tmp_path):
+@pytest.mark.parametrize("processed", [False, True], ids=["plain", "tl-processed"])
+def test_every_tl_site_equals_transformer_lens(tmp_path, processed):
+    """Plain: fxlens.from_pretrained vs the bridge. TL-processed: HookedTransformer.from_pretrained (fold_ln,
+    centring, fold_value_biases) vs the bridge's enable_compatibility_mode()."""
     out = tmp_path / "parity.json"
-    run = subprocess.run([_tl_python(), "benchmarks/tl_parity.py", "--json", str(out)], cwd=ROOT,
+    run = subprocess.run([_tl_python(), "benchmarks/tl_parity.py", "--json", str(out),
+                          *(["--processed"] if processed else [])], cwd=ROOT,
                          capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.exists(), run.stderr[-3000:]
     res = json.loads(out.read_text())
