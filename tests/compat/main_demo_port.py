@@ -7,7 +7,8 @@ it differs only where a line carries ``# PORT:`` (with the reason): imports from
 GPT-2 constants adapted to SmolLM2 where a cell cannot run otherwise, and cells that need a model that is
 not available offline kept as comments. ``tests/compat/test_main_demo_port.py`` runs the cells one by one
 in one namespace and checks every value they print against references outside fxlens' graph; the file
-also runs as a plain script (``python tests/compat/main_demo_port.py``). The ``noqa`` above keeps the
+also runs as a plain script (``python tests/compat/main_demo_port.py``) once ``fxlens.hook_points`` exists
+(cells 5 and 55 import it). The ``noqa`` above keeps the
 seed's own style (late imports in cell order, long lines, lambdas, a bare ``except``, imports the
 seed never uses, jaxtyping annotations).
 """

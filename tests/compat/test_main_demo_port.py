@@ -20,6 +20,7 @@ import traceback
 import types
 from pathlib import Path
 
+import plotly.graph_objects as go
 import pytest
 import torch
 import transformers
@@ -99,8 +100,6 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def nb():
-    import plotly.graph_objects as go
-
     shown, stand_in = go.Figure.show, _stand_in_hook_points()
     if stand_in is not None:
         sys.modules["fxlens.hook_points"] = stand_in
@@ -117,12 +116,15 @@ def nb():
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """The HF model on its own: the same GGUF checkpoint, loaded by transformers, eager attention."""
-    path = Path(fxlens.offline_model_path("smollm2"))
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+def hf(nb):
+    """The HF model on its own: a second copy of the checkpoint the port loaded (fxlens' dequantised fp32
+    folder, a plain ``save_pretrained`` one), loaded by transformers with eager attention, and its tokenizer."""
+    folder = nb.lm.hf_model.name_or_path
+    assert (Path(folder) / "config.json").exists(), folder
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                               attn_implementation="eager").eval()
+    assert model is not nb.lm.hf_model
     return model, tok
 
 
@@ -492,7 +494,7 @@ def test_ov_copying_scores_cells_45_to_48_equal_hf_weights(nb, hf):
     got = nb.ns["OV_copying_score"]
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=0)
     title = "Eigenvalues of Head L11H11 of GPT-2 Small"  # the seed's title; the cell plots the last head, L29H8
-    scatter = [f for f in nb.ns["FIGURES"] if getattr(f.layout.title, "text", "") == title]
+    scatter = [f for f in nb.ns["FIGURES"] if isinstance(f, go.Figure) and f.layout.title.text == title]
     assert len(scatter) == 1 and len(scatter[0].data[0].x) == hd
     print(f"cell 47 OV copying scores: max |fxlens - HF| {(got - ref).abs().max().item():.2e}; "
           f"mean {got.mean().item():.4f}, max {got.max().item():.4f}")
