@@ -209,8 +209,9 @@ def generate(model, input, max_new_tokens: int = 10, stop_at_eos: bool = True, e
     try:
         model.ensure_fresh()
         with torch.no_grad():
-            out = model.hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          generation_config=gen, use_cache=use_past_kv_cache, **sampling, **hf_kwargs)
+            # Settings go in the config: HF deprecates passing them beside `generation_config`.
+            gen.update(max_new_tokens=max_new_tokens, use_cache=use_past_kv_cache, **sampling)
+            out = model.hf_model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **hf_kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -95,3 +95,27 @@ def test_graph_only_sites_raise():
                    fwd_hooks=[("hook_embed", lambda x, hook: seen.append(x.clone()))])
     _, cache = gemma.run_with_cache(tokens(1, 4), names_filter="hook_embed")
     torch.testing.assert_close(seen[0], cache["hook_embed"], atol=1e-6, rtol=1e-6)
+
+
+def test_sampling_settings_travel_in_the_generation_config(monkeypatch):
+    """HF deprecates generation settings passed beside ``generation_config``: they go inside it, and
+    sampled text equals HF's own ``generate`` with the same seed and settings."""
+    m = traced("llama")
+    ids = tokens(1, 5)
+    seen = {}
+    hf_generate = m.hf_model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return hf_generate(*args, **kwargs)
+
+    monkeypatch.setattr(m.hf_model, "generate", spy)
+    torch.manual_seed(0)
+    ours = m.generate(ids, max_new_tokens=6, temperature=0.7, top_k=5, top_p=0.9)
+    assert set(seen) == {"input_ids", "attention_mask", "generation_config"}
+    gen = seen["generation_config"]
+    assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (6, True, 0.7, 5, 0.9)
+    torch.manual_seed(0)
+    ref = hf_generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=True,
+                      temperature=0.7, top_k=5, top_p=0.9, pad_token_id=0)
+    assert torch.equal(ours, ref)
