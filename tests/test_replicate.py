@@ -3,6 +3,7 @@ site for site, and is refused (with the reason) where blocks differ."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -16,7 +17,8 @@ def _deep(family: str, n: int = 7) -> torch.nn.Module:
     layers = {k: n for k in ("num_hidden_layers", "n_layer") if k in kw}
     cfg = transformers.AutoConfig.for_model(model_type, **{**_COMMON, **kw, **layers})
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    auto = transformers.AutoModel if family in ("bert", "roberta") else transformers.AutoModelForCausalLM
+    model = auto.from_config(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -59,3 +61,22 @@ def test_blocks_that_differ_are_exported_whole_with_the_reason():
         assert torch.equal(cap.gm(ids, torch.ones_like(ids)), hf(input_ids=ids).logits)
     gemma2 = _deep("gemma2", n=6)  # alternating sliding / full attention
     assert capture(gemma2).how.startswith("full export (config.layer_types differs between layers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_every_core_family_by_block_equals_full_export(family, monkeypatch):
+    """Six-layer models of every core family: by block where the blocks allow (else the reason), and
+    every site holds exactly the full export's value."""
+    hf = _deep(family, n=6)
+    m = fxlens.trace(hf, graph_cache=False)
+    monkeypatch.setenv("FXLENS_BY_BLOCK", "0")
+    ref = fxlens.trace(hf, graph_cache=False)
+    assert m.hook_names == ref.hook_names
+    ids = tokens(2, 6)
+    _, cache = m.run_with_cache(ids)
+    _, ref_cache = ref.run_with_cache(ids)
+    for name in ref.hook_names:
+        assert torch.equal(cache[name], ref_cache[name]), (family, m.capture_how, name)
+    if family not in ("gemma2", "gemma3"):  # alternating sliding / full attention layers
+        assert m.capture_how.startswith("by block"), m.capture_how

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib.util
 import io
 import re
 import time
 import traceback
-import types
 from collections.abc import Callable
 from pathlib import Path
-
-import fxlens
 
 
 class Notebook:
@@ -62,13 +58,3 @@ class Notebook:
 
     def printed(self, n: int) -> list[str]:
         return self.stdout[n].splitlines()
-
-
-def stand_in_hook_points() -> types.ModuleType | None:
-    """Until ``fxlens.hook_points`` exists (the lead's change), give cell 5's import what it names
-    (the toy-model cells 55-57 then fail, and their checks are strict xfails)."""
-    if importlib.util.find_spec("fxlens.hook_points") is not None:
-        return None
-    mod = types.ModuleType("fxlens.hook_points")
-    mod.HookPoint, mod.HookedRootModule = fxlens.HookPoint, fxlens.HookedRootModule
-    return mod

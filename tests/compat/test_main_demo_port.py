@@ -19,11 +19,10 @@ import torch
 import transformers
 
 import fxlens
-from tests.compat.notebook import Notebook, stand_in_hook_points
+from tests.compat.notebook import Notebook
 
 pytestmark = pytest.mark.slow
 PORT = Path(__file__).with_name("main_demo_port.py")
-LEAD_PENDING = "lead's change pending"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,16 +36,12 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def nb():
-    shown, stand_in = go.Figure.show, stand_in_hook_points()
-    if stand_in is not None:
-        sys.modules["fxlens.hook_points"] = stand_in
+    shown = go.Figure.show
     torch.manual_seed(0)
     try:
         book = Notebook(PORT).run(keep={9: ("model",)}, log=lambda line: print(line, file=sys.stderr))
     finally:
         go.Figure.show = shown
-        if stand_in is not None:
-            del sys.modules["fxlens.hook_points"]
     book.lm = book.after[9].get("model")
     print("\ncell seconds:", {n: round(s, 1) for n, s in book.seconds.items() if s > 0.5})
     return book
@@ -271,7 +266,6 @@ def _param_shapes(nb, cell: int) -> dict[str, tuple[int, ...]]:
     return {m.group(1): tuple(int(d) for d in m.group(2).split(", ") if d) for m in rows if m}
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_PENDING + " (named_parameters with TL names and shapes)")
 def test_named_parameters_cells_24_25(nb, hf):
     nb.ok(24, 25)
     c = hf[0].config
@@ -468,7 +462,6 @@ def test_generate_cell_54(nb, hf):
     print(f"cell 54 generated: {text[len(prompt):][:80]!r}")
 
 
-@pytest.mark.xfail(strict=True, reason=LEAD_PENDING + " (fxlens.hook_points: nn.Module HookPoint, HookedRootModule)")
 def test_toy_hook_points_cells_55_to_57(nb):
     nb.ok(55, 56, 57)
     assert nb.printed(56) == ["Model output: 780.0", "Value cached at hook hook_in 5.0",
