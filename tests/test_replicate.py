@@ -55,12 +55,26 @@ def test_blocks_that_differ_are_exported_whole_with_the_reason():
     hf = _deep("llama")
     hf.model.layers[4].self_attn.scaling = 0.5  # one block's scalar differs: a repeated block 1 would bake 1/sqrt(d)
     cap = capture(hf)
-    assert cap.how == "full export (block 4 differs from block 1 in parameters or attributes)"
+    assert cap.how.startswith("full export (the blocks do not repeat with a period dividing the depth"), cap.how
     ids = tokens(2, 6)
     with torch.no_grad():
         assert torch.equal(cap.gm(ids, torch.ones_like(ids)), hf(input_ids=ids).logits)
-    gemma2 = _deep("gemma2", n=6)  # alternating sliding / full attention
-    assert capture(gemma2).how.startswith("full export (config.layer_types differs between layers")
+
+
+def test_alternating_layer_types_repeat_by_period(monkeypatch):
+    hf = _deep("gemma2", n=6)  # sliding, full, sliding, full, ...: period 2
+    cap = capture(hf)
+    assert cap.how.startswith("by block: 4 of 6 blocks exported, blocks 2..3 (period 2) repeated"), cap.how
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        assert torch.equal(cap.gm(ids, torch.ones_like(ids)), hf(input_ids=ids).logits)
+    m = fxlens.trace(hf, graph_cache=False)
+    monkeypatch.setenv("FXLENS_BY_BLOCK", "0")
+    ref = fxlens.trace(hf, graph_cache=False)
+    _, cache = m.run_with_cache(ids)
+    _, ref_cache = ref.run_with_cache(ids)
+    assert m.hook_names == ref.hook_names
+    assert all(torch.equal(cache[n], ref_cache[n]) for n in ref.hook_names)
 
 
 @pytest.mark.slow
@@ -78,5 +92,5 @@ def test_every_core_family_by_block_equals_full_export(family, monkeypatch):
     _, ref_cache = ref.run_with_cache(ids)
     for name in ref.hook_names:
         assert torch.equal(cache[name], ref_cache[name]), (family, m.capture_how, name)
-    if family not in ("gemma2", "gemma3"):  # alternating sliding / full attention layers
+    if family != "gemma3":  # gemma3's sliding pattern has period 6: six layers are one period
         assert m.capture_how.startswith("by block"), m.capture_how

@@ -1,17 +1,18 @@
-"""Capture cost independent of depth: export a two-block stand-in, then repeat block 1 per layer.
+"""Capture cost independent of depth: export a two-period stand-in, then repeat the second period.
 
-A decoder's blocks are one module class repeated. ``torch.export`` of the whole model costs time
-linear in depth, so :func:`capture_by_block` exports a *stand-in*: the same model object graph
-with its block list cut to blocks 0 and 1 (the real modules, no weight is copied) and its config
-saying two layers. In the captured graph, block 1's nodes (found by ``nn_module_stack``) are
-then instantiated for blocks 2 .. n-1, each reading its own parameters (``layers.1.`` renamed
-``layers.L.`` in ``get_attr`` targets and module paths) and the previous copy's output.
+A decoder's blocks are one module class repeated, sometimes with a pattern (alternating sliding /
+full attention: period 2). ``torch.export`` of the whole model costs time linear in depth, so
+:func:`capture_by_block` exports a *stand-in*: the same model object graph with its block list cut
+to the first two periods (the real modules, no weight is copied) and a config that says so. In the
+captured graph, the second period's nodes (found by ``nn_module_stack``) are then instantiated for
+every later period, each reading its own parameters (``layers.j.`` renamed ``layers.{j + shift}.``
+in ``get_attr`` targets and module paths) and the previous period's output.
 
-Used only where the blocks are provably alike: one class, the same parameter names / shapes /
-dtypes, the same scalar attributes (sliding windows, layer types, flags), one config entry per
-layer at most that all agree. The result is checked against the HF model on a fresh input
-(max-abs 0, or it is not used); every refusal gives its reason, and the caller falls back to a
-full export, saying so.
+Used only where the blocks provably repeat: one class, and with period ``p`` block ``i`` has block
+``i % p``'s parameter names / shapes / dtypes, scalar attributes (sliding windows, flags) and
+per-layer config entries (``layer_types``, ...). The result is checked against the HF model on a
+fresh, left-padded input (max-abs 0, or it is not used); every refusal gives its reason, and the
+caller falls back to a full export, saying so.
 """
 
 from __future__ import annotations
@@ -52,17 +53,19 @@ def _signature(block: nn.Module) -> list:
     return [tensors, scalars, [type(m).__name__ for m in block.modules()]]
 
 
-def check_alike(model: nn.Module, blocks: nn.ModuleList) -> None:
-    """Raise :class:`NotReplicable` unless every block is structurally block 1's twin."""
-    cfg = model.config
-    for key in _PER_LAYER:
-        v = getattr(cfg, key, None)
-        if isinstance(v, (list, tuple)) and len(set(map(str, v))) > 1:
-            raise NotReplicable(f"config.{key} differs between layers ({sorted(set(map(str, v)))})")
-    ref = _signature(blocks[1])
-    for i, b in enumerate(blocks):
-        if i != 1 and _signature(b) != ref:
-            raise NotReplicable(f"block {i} differs from block 1 in parameters or attributes")
+def period(model: nn.Module, blocks: nn.ModuleList) -> int:
+    """The smallest ``p`` such that block ``i`` is structurally block ``i + p``'s twin (1 for uniform
+    blocks, 2 for alternating sliding / full attention, ...); raises :class:`NotReplicable`."""
+    cfg, n = model.config, len(blocks)
+    per_layer = [[str(v) for v in getattr(cfg, key)] for key in _PER_LAYER
+                 if isinstance(getattr(cfg, key, None), (list, tuple)) and len(getattr(cfg, key)) == n]
+    sigs = [_signature(b) for b in blocks]
+    rows = [(sigs[i], *(v[i] for v in per_layer)) for i in range(n)]
+    for p in range(1, n // 3 + 1):  # at least three periods, or replication saves nothing
+        if n % p == 0 and all(rows[i] == rows[i % p] for i in range(n)):
+            return p
+    raise NotReplicable("the blocks do not repeat with a period dividing the depth (parameters, attributes "
+                        "or per-layer config differ)")
 
 
 def _shallow(m: nn.Module) -> nn.Module:
@@ -110,29 +113,33 @@ def _layer(node: fx.Node, prefix: str) -> int | None:
     return None
 
 
-def _rename(s: str, prefix: str, L: int) -> str:
-    return s.replace(f"{prefix}.1.", f"{prefix}.{L}.") if s.startswith(f"{prefix}.1.") else (
-        f"{prefix}.{L}" if s == f"{prefix}.1" else s)
+def _rename(s: str, prefix: str, shift: int) -> str:
+    """``prefix.j...`` -> ``prefix.{j + shift}...``."""
+    if not s.startswith(prefix + "."):
+        return s
+    head, _, rest = s[len(prefix) + 1:].partition(".")
+    return f"{prefix}.{int(head) + shift}" + (f".{rest}" if rest else "") if head.isdigit() else s
 
 
-def replicate(gm: fx.GraphModule, model: nn.Module, prefix: str, n: int) -> fx.GraphModule:
-    """``gm`` (captured from the two-block stand-in) with block 1 repeated as blocks 2 .. n-1."""
+def replicate(gm: fx.GraphModule, model: nn.Module, prefix: str, n: int, p: int = 1) -> fx.GraphModule:
+    """``gm`` (captured from the stand-in with blocks ``0 .. 2p-1``) with blocks ``p .. 2p-1`` repeated
+    as blocks ``2p .. n-1``, one period at a time."""
     nodes = list(gm.graph.nodes)
     order = {node: i for i, node in enumerate(nodes)}
     where = {node: _layer(node, prefix) for node in nodes}
-    b0 = [x for x in nodes if where[x] == 0 and x.op != "get_attr"]
-    b1 = [x for x in nodes if where[x] == 1 and x.op != "get_attr"]
-    if len(b0) != len(b1) or any(a.target != b.target for a, b in zip(b0, b1)) or not b1:
-        raise NotReplicable("blocks 0 and 1 were captured as different graphs")
-    twin = {a: b for a, b in zip(b0, b1)}  # block 0 node -> the same node of block 1
-    in_b1 = set(b1) | {x for x in nodes if where[x] == 1}
-    last = max(order[x] for x in b1)
+    lo = [x for x in nodes if where[x] is not None and where[x] < p and x.op != "get_attr"]
+    hi = [x for x in nodes if where[x] is not None and p <= where[x] < 2 * p and x.op != "get_attr"]
+    if len(lo) != len(hi) or any(a.target != b.target for a, b in zip(lo, hi)) or not hi:
+        raise NotReplicable(f"blocks 0..{p - 1} and {p}..{2 * p - 1} were captured as different graphs")
+    twin = {a: b for a, b in zip(lo, hi)}  # first period's node -> the same node of the second
+    in_hi = {x for x in nodes if where[x] is not None and p <= where[x] < 2 * p}
+    last = max(order[x] for x in hi)
     for x in nodes:
         for u in x.users:
-            if where[x] == 0 and u not in twin and u not in in_b1:
-                raise NotReplicable(f"{u.name} (outside blocks 0/1) reads block 0's {x.name}")
-            if x in in_b1 and u not in in_b1 and order[u] < last:
-                raise NotReplicable(f"{u.name} reads block 1's {x.name} before block 1 ends")
+            if x in twin and u not in twin and u not in in_hi:
+                raise NotReplicable(f"{u.name} (outside blocks 0..{2 * p - 1}) reads block {where[x]}'s {x.name}")
+            if x in in_hi and u not in in_hi and order[u] < last:
+                raise NotReplicable(f"{u.name} reads block {where[x]}'s {x.name} before block {2 * p - 1} ends")
 
     graph, env = fx.Graph(), {}
     attrs: dict[str, object] = {}
@@ -154,12 +161,13 @@ def replicate(gm: fx.GraphModule, model: nn.Module, prefix: str, n: int) -> fx.G
         env[x] = graph.node_copy(x, lambda a: final.get(a, env[a]) if i > last else env[a])
         if i != last:
             continue
-        prev = {b: env[b] for b in in_b1}  # block L-1's version of each block-1 node
-        for L in range(2, n):
+        prev = {b: env[b] for b in in_hi}  # the previous period's version of each second-period node
+        for k in range(2, n // p):
+            shift = (k - 1) * p
             cur: dict[fx.Node, fx.Node] = {}
-            for y in (z for z in nodes if z in in_b1):
+            for y in (z for z in nodes if z in in_hi):
                 if y.op == "get_attr":
-                    t = _rename(y.target, prefix, L)
+                    t = _rename(y.target, prefix, shift)
                     attr(t)
                     cur[y] = graph.get_attr(t)
                     cur[y].meta = dict(y.meta)
@@ -168,28 +176,30 @@ def replicate(gm: fx.GraphModule, model: nn.Module, prefix: str, n: int) -> fx.G
                 def arg(a, cur=cur, prev=prev):
                     if a in cur:
                         return cur[a]
-                    if a in twin:  # block 1 reads block 0: copy L reads copy L-1
+                    if a in twin:  # the second period reads the first: period k reads period k-1
                         return prev[twin[a]]
                     return env[a]
                 cur[y] = graph.node_copy(y, arg)
                 stack = y.meta.get("nn_module_stack")
                 if stack:
-                    cur[y].meta["nn_module_stack"] = {k: (_rename(p, prefix, L), c) for k, (p, c) in stack.items()}
+                    cur[y].meta["nn_module_stack"] = {key: (_rename(q, prefix, shift), c)
+                                                      for key, (q, c) in stack.items()}
             prev = cur
-        final = prev if n > 2 else {}
+        final = prev if n > 2 * p else {}
     gm2 = fx.GraphModule(attrs, graph, class_name="CapturedModel")
     gm2.recompile()
     return gm2
 
 
 def capture_by_block(model: nn.Module, capture_fn) -> tuple[object, str]:
-    """``(Captured, how)`` of ``model`` from its two-block stand-in (raises :class:`NotReplicable`)."""
+    """``(Captured, how)`` of ``model`` from its stand-in of two periods (raises :class:`NotReplicable`)."""
     path, blocks = block_list(model)
-    check_alike(model, blocks)
-    cap = capture_fn(stand_in(model, path))
-    cap.gm = replicate(cap.gm, model, path, len(blocks))
+    p = period(model, blocks)
+    cap = capture_fn(stand_in(model, path, 2 * p))
+    cap.gm = replicate(cap.gm, model, path, len(blocks), p)
     _check_exact(cap.gm, model)
-    return cap, f"by block: 2 of {len(blocks)} blocks exported, block 1 repeated ({path})"
+    what = "block 1" if p == 1 else f"blocks {p}..{2 * p - 1} (period {p})"
+    return cap, f"by block: {2 * p} of {len(blocks)} blocks exported, {what} repeated ({path})"
 
 
 def _check_exact(gm: fx.GraphModule, model: nn.Module) -> None:
