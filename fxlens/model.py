@@ -32,7 +32,7 @@ from .tl_modules import TLModulesMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
 from .tracer.graph import release_source
-from .tracer.sites import Site, layer_of, site_rank, spec
+from .tracer.sites import Site, layer_of, site_dims, site_rank, spec
 from .tracer.specialise import Request, specialise, split_index
 
 _MAX_GRAPHS = 32
@@ -58,7 +58,7 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
 
     def __init__(self, hf_model: nn.Module, tokenizer, graph: fx.GraphModule, output: str, family: Family,
                  sites: dict[str, Site], cfg: ModelConfig, compile: bool = False, capture_seconds: float = 0.0,
-                 recapture: Callable[[], HookedModel] | None = None):
+                 recapture: Callable[[nn.Module], HookedModel] | None = None):
         from .hooks import HookStore
 
         self.hf_model, self.tokenizer, self.compile = hf_model, tokenizer, compile
@@ -136,12 +136,16 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
             if now.structure == self._bound.structure:
                 self._adopt(rebind(self._base, self.hf_model), self.output_kind, self.family, self._sites, self.cfg)
                 return
-            if self._recapture is None:
-                raise RuntimeError("the HF model changed since it was traced and this model cannot re-capture it; "
-                                   "trace it again with fxlens.trace")
-            new = self._recapture()
+            new = self.retrace(self.hf_model)
             self._adopt(new._base, new.output_kind, new.family, new._sites, new.cfg)
             self.capture_seconds = new.capture_seconds
+
+    def retrace(self, hf_model: nn.Module) -> HookedModel:
+        """A new model over ``hf_model``, traced the way this one was (tokenizer, compile, class, graph cache)."""
+        if self._recapture is None:
+            raise RuntimeError("this model was not built by fxlens.trace / from_pretrained, so it cannot trace the "
+                               "HF model again; trace it with fxlens.trace")
+        return self._recapture(hf_model)
 
     def graph(self, req: Request) -> Callable:
         """The graph for ``req`` (built once, LRU-cached, compiled if the model is)."""
@@ -385,8 +389,6 @@ def _refuse(unsupported: dict) -> None:
 
 
 def _slice_pos(name: str, x: torch.Tensor, pos_slice) -> torch.Tensor:
-    from .interventions.patches import site_dims
-
     dims = site_dims(name)
     ax = next((i for i, d in enumerate(dims) if d in ("pos", "q_pos")), None)
     if ax is None:
