@@ -34,6 +34,7 @@ from .tracer.families import Family
 from .tracer.graph import release_source
 from .tracer.sites import Site, layer_of, site_dims, site_rank, spec
 from .tracer.specialise import Request, specialise, split_index
+from .tracer.taps import TapRun, build_tap_graph, tappable
 
 _MAX_GRAPHS = 32
 _SPLIT_SUFFIXES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
@@ -74,8 +75,9 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
                cfg: ModelConfig) -> None:
         """Take a (new) captured graph; drop everything derived from the old one."""
         self._base, self._sites, self.output_kind, self.family, self.cfg = graph, sites, output, family, cfg
-        for old in getattr(self, "_graphs", {}).values():
+        for old in (*getattr(self, "_graphs", {}).values(), getattr(self, "_taps", None)):
             release_source(old)
+        self._taps: fx.GraphModule | None = None
         self._graphs: OrderedDict[Request, Callable] = OrderedDict()
         self._memo: dict = {}
         self._split_index: dict | None = None
@@ -151,7 +153,9 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         """The graph for ``req`` (built once, LRU-cached, compiled if the model is)."""
         with self._lock:
             fn = self._graphs.get(req)
-            if fn is None:
+            if fn is None and self._tappable(req):
+                fn = self._graphs[req] = TapRun(self._tap_graph(), self._sites, req.cache)
+            elif fn is None:
                 gm = self._base if req == Request() else self.specialised(req)
                 fn = torch.compile(gm, dynamic=True) if self.compile else gm
                 self._graphs[req] = fn
@@ -160,6 +164,16 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
             else:
                 self._graphs.move_to_end(req)
             return fn
+
+    def _tappable(self, req: Request) -> bool:
+        """Cache-only requests of captured-graph sites run through the shared tap graph (uncompiled models)."""
+        return (bool(req.cache) and not req.hooks and req.stop_at_layer is None and not self.compile
+                and all(tappable(self._sites[n]) for n in req.cache))
+
+    def _tap_graph(self) -> fx.GraphModule:
+        if self._taps is None:
+            self._taps = build_tap_graph(self._base, self._sites)
+        return self._taps
 
     def specialised(self, req: Request) -> fx.GraphModule:
         """A new (uncompiled) graph module for ``req``: ``(input_ids, attention_mask) -> (out, *cached)``."""
