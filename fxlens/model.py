@@ -153,11 +153,12 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
         """The graph for ``req`` (built once, LRU-cached, compiled if the model is)."""
         with self._lock:
             fn = self._graphs.get(req)
-            if fn is None and self._tappable(req):
-                fn = self._graphs[req] = TapRun(self._tap_graph(), self._sites, req.cache)
-            elif fn is None:
-                gm = self._base if req == Request() else self.specialised(req)
-                fn = torch.compile(gm, dynamic=True) if self.compile else gm
+            if fn is None:
+                if self._tappable(req):
+                    fn = TapRun(self._tap_graph(), self._sites, req.cache)
+                else:
+                    gm = self._base if req == Request() else self.specialised(req)
+                    fn = torch.compile(gm, dynamic=True) if self.compile else gm
                 self._graphs[req] = fn
                 if len(self._graphs) > _MAX_GRAPHS:
                     release_source(self._graphs.popitem(last=False)[1])
