@@ -75,7 +75,9 @@ def test_ten_thousand_filter_sets_keep_rss_flat():
         seconds = time.perf_counter() - t0
     assert list(cache) == names and all(torch.equal(cache[n], ref[n]) for n in names)
     assert _sources() - sources <= 1, "a graph was generated per signature"
-    assert sum(isinstance(o, TapRun) for o in gc.get_objects()) <= 32, "the graph LRU keeps every signature"
+    taps = m.graph(Request(cache=(plain[0],))).graph  # this model's tap graph
+    assert sum(isinstance(o, TapRun) and o.graph is taps for o in gc.get_objects()) <= 32, \
+        "the graph LRU keeps every signature"
     assert _rss_mib() - rss <= 50, f"RSS grew {_rss_mib() - rss:.1f} MiB over 10,000 filter sets ({seconds:.0f} s)"
 
 
