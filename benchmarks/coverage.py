@@ -55,7 +55,7 @@ def check_one(model_type: str) -> dict:
     import torch
 
     import fxlens
-    from fxlens.tracer.check import check_sites
+    from fxlens.check import check_sites
     from fxlens.tracer.families import RULES
 
     row = dict(_failed_row(model_type, ""), how="rule" if model_type in RULES else "discovery")
@@ -95,7 +95,7 @@ def check_one(model_type: str) -> dict:
 
 def green(row: dict) -> bool:
     """Fully supported: captured, every site placed, outputs equal HF within tolerance and every site class
-    holds the right tensor (``fxlens.tracer.check``)."""
+    holds the right tensor (``fxlens.check``)."""
     return (row["sites"] is True and row["fidelity"] is not None and row["fidelity"] <= 1e-5
             and row["cache_all"] is not None and row["cache_all"] <= 1e-4
             and row["hooks_all"] is not None and row["hooks_all"] <= 1e-4 and row.get("values_ok") is True)
@@ -164,7 +164,7 @@ def write_markdown(rows: list[dict], seconds: float, total: int) -> str:
            "harness; the other rows are from an older run and are not counted green.**"), "",
         "Columns: captured (torch.export succeeded), sites (every site placed), fidelity (max-abs no-hook "
         "output vs HF, green ≤ 1e-5), cache-all / hooks-all (max-abs with every site cached / an identity "
-        "hook on every site, green ≤ 1e-4), site values (`fxlens.tracer.check.check_sites`: every site class "
+        "hook on every site, green ≤ 1e-4), site values (`fxlens.check.check_sites`: every site class "
         "against HF `hidden_states`, forward hooks on the HF modules, eager attention weights, and the "
         "residual / head-result sums; `ok`, or the failing classes with their relative max error), capture "
         "(cold `trace()` seconds, no graph cache). Green needs all of them. A family that is not green shows "

@@ -17,6 +17,7 @@ from torch import nn
 from .checkpoints import broken_weight_file, check_gguf, check_path, check_weights, nonfinite_parameters
 from .config import ModelConfig, hf_dims
 from .model import HookedModel
+from .storage import cache_dir
 from .support import UnsupportedModelError, unsupported_reason
 from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
@@ -73,8 +74,8 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
         mask_positions(gm, family.pos_embed)
     cfg = _model_config(hf_model, config, family, sites, extra)
 
-    def recapture() -> HookedModel:  # the HF model changed after tracing (see fxlens.binding)
-        return trace(hf_model, tokenizer, compile=compile, graph_cache=graph_cache, model_class=model_class)
+    def recapture(hf: nn.Module) -> HookedModel:  # HookedModel.retrace: a changed or processed HF model
+        return trace(hf, tokenizer, compile=compile, graph_cache=graph_cache, model_class=model_class)
 
     model = model_class(hf_model, tokenizer, gm, output, family, sites, cfg, compile, time.perf_counter() - t0,
                         recapture=recapture)
@@ -186,11 +187,6 @@ def _tokenizer(path: str, kwargs: dict):
         warnings.warn(f"{path} has no tokenizer files: the model takes token ids only", stacklevel=3)
         return None
     return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def cache_dir() -> Path:
-    """Where fxlens keeps converted checkpoints (``$FXLENS_CACHE`` or ``~/.cache/fxlens``)."""
-    return Path(os.environ.get("FXLENS_CACHE", Path.home() / ".cache" / "fxlens"))
 
 
 def _gguf_cache(folder: str, gguf_file: str, dtype: torch.dtype) -> Path:

@@ -32,8 +32,9 @@ from .tl_modules import TLModulesMixin
 from .tokens import TokenMixin
 from .tracer.families import Family
 from .tracer.graph import release_source
-from .tracer.sites import Site, layer_of, site_rank, spec
+from .tracer.sites import Site, layer_of, site_dims, site_rank, spec
 from .tracer.specialise import Request, specialise, split_index
+from .tracer.taps import TapRun, build_tap_graph, tappable
 
 _MAX_GRAPHS = 32
 _SPLIT_SUFFIXES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
@@ -58,7 +59,7 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
 
     def __init__(self, hf_model: nn.Module, tokenizer, graph: fx.GraphModule, output: str, family: Family,
                  sites: dict[str, Site], cfg: ModelConfig, compile: bool = False, capture_seconds: float = 0.0,
-                 recapture: Callable[[], HookedModel] | None = None):
+                 recapture: Callable[[nn.Module], HookedModel] | None = None):
         from .hooks import HookStore
 
         self.hf_model, self.tokenizer, self.compile = hf_model, tokenizer, compile
@@ -74,8 +75,9 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
                cfg: ModelConfig) -> None:
         """Take a (new) captured graph; drop everything derived from the old one."""
         self._base, self._sites, self.output_kind, self.family, self.cfg = graph, sites, output, family, cfg
-        for old in getattr(self, "_graphs", {}).values():
+        for old in (*getattr(self, "_graphs", {}).values(), getattr(self, "_taps", None)):
             release_source(old)
+        self._taps: fx.GraphModule | None = None
         self._graphs: OrderedDict[Request, Callable] = OrderedDict()
         self._memo: dict = {}
         self._split_index: dict | None = None
@@ -136,26 +138,43 @@ class HookedModel(HookAPIMixin, TLModulesMixin, TokenMixin, WeightsMixin):
             if now.structure == self._bound.structure:
                 self._adopt(rebind(self._base, self.hf_model), self.output_kind, self.family, self._sites, self.cfg)
                 return
-            if self._recapture is None:
-                raise RuntimeError("the HF model changed since it was traced and this model cannot re-capture it; "
-                                   "trace it again with fxlens.trace")
-            new = self._recapture()
+            new = self.retrace(self.hf_model)
             self._adopt(new._base, new.output_kind, new.family, new._sites, new.cfg)
             self.capture_seconds = new.capture_seconds
+
+    def retrace(self, hf_model: nn.Module) -> HookedModel:
+        """A new model over ``hf_model``, traced the way this one was (tokenizer, compile, class, graph cache)."""
+        if self._recapture is None:
+            raise RuntimeError("this model was not built by fxlens.trace / from_pretrained, so it cannot trace the "
+                               "HF model again; trace it with fxlens.trace")
+        return self._recapture(hf_model)
 
     def graph(self, req: Request) -> Callable:
         """The graph for ``req`` (built once, LRU-cached, compiled if the model is)."""
         with self._lock:
             fn = self._graphs.get(req)
             if fn is None:
-                gm = self._base if req == Request() else self.specialised(req)
-                fn = torch.compile(gm, dynamic=True) if self.compile else gm
+                if self._tappable(req):
+                    fn = TapRun(self._tap_graph(), self._sites, req.cache)
+                else:
+                    gm = self._base if req == Request() else self.specialised(req)
+                    fn = torch.compile(gm, dynamic=True) if self.compile else gm
                 self._graphs[req] = fn
                 if len(self._graphs) > _MAX_GRAPHS:
                     release_source(self._graphs.popitem(last=False)[1])
             else:
                 self._graphs.move_to_end(req)
             return fn
+
+    def _tappable(self, req: Request) -> bool:
+        """Cache-only requests of captured-graph sites run through the shared tap graph (uncompiled models)."""
+        return (bool(req.cache) and not req.hooks and req.stop_at_layer is None and not self.compile
+                and all(tappable(self._sites[n]) for n in req.cache))
+
+    def _tap_graph(self) -> fx.GraphModule:
+        if self._taps is None:
+            self._taps = build_tap_graph(self._base, self._sites)
+        return self._taps
 
     def specialised(self, req: Request) -> fx.GraphModule:
         """A new (uncompiled) graph module for ``req``: ``(input_ids, attention_mask) -> (out, *cached)``."""
@@ -385,8 +404,6 @@ def _refuse(unsupported: dict) -> None:
 
 
 def _slice_pos(name: str, x: torch.Tensor, pos_slice) -> torch.Tensor:
-    from .interventions.patches import site_dims
-
     dims = site_dims(name)
     ax = next((i for i, d in enumerate(dims) if d in ("pos", "q_pos")), None)
     if ax is None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import act_name
+from .names import act_name
 
 __all__ = ["Slice", "SliceInput", "as_slice", "get_act_name", "get_corner", "get_device", "lm_accuracy",
            "lm_cross_entropy_loss", "remove_batch_dim", "test_prompt", "to_numpy",

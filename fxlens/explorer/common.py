@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .. import cli_args
+
 MODEL_ENV, LENS_ENV = "FXLENS_EXPLORE_MODEL", "FXLENS_EXPLORE_LENS"
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 #: Short, varied texts for the head ablation browser and the "frequent tokens" subset of the circuits page.
@@ -62,9 +64,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
             raise KeyError(f"no model registered as {name!r} in this process (known: {sorted(_REGISTRY)}); "
                            "call fxlens.explorer.register_model(model, name) first")
         return _REGISTRY[name]
-    from ..cli import _load
-
-    return _load(spec, dtype, device)
+    return cli_args.load_model(spec, dtype, device)
 
 
 def head_label(layer: int, head: int) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli import check_device, port_number, resolve_model
+from ..cli_args import check_device, port_number, resolve_model
 
 APP = Path(__file__).with_name("app.py")
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import ActivationCache
+from ..activations import Activations
 from ..utils import Slice, as_slice
 
 
-def _need(cache: ActivationCache, names: list[str]) -> None:
+def _need(cache: Activations, names: list[str]) -> None:
     missing = [n for n in names if n not in cache]
     if missing:
         raise KeyError(f"the cache lacks {missing[:4]}{'...' if len(missing) > 4 else ''}; run run_with_cache "
@@ -49,13 +49,13 @@ def _attn_only(model) -> bool:
     return bool(getattr(model.cfg, "attn_only", False))
 
 
-def _shape_ref(cache: ActivationCache, pos_slice: Slice) -> torch.Tensor:
+def _shape_ref(cache: Activations, pos_slice: Slice) -> torch.Tensor:
     name = "hook_embed" if cache.has_embed else "blocks.0.hook_resid_pre"
     _need(cache, [name])
     return pos_slice.apply(cache[name], -2)
 
 
-def _empty(cache: ActivationCache, pos_slice: Slice, last: int | None = None) -> torch.Tensor:
+def _empty(cache: Activations, pos_slice: Slice, last: int | None = None) -> torch.Tensor:
     ref = _shape_ref(cache, pos_slice)
     shape = ref.shape if last is None else (*ref.shape[:-1], last)
     return ref.new_zeros((0, *shape))
@@ -66,7 +66,7 @@ def _labels_out(stack: torch.Tensor, labels: list[str], return_labels: bool):
 
 
 # -- the residual stream ---------------------------------------------------------------------------------
-def accumulated_resid(cache: ActivationCache, model, layer: int | None = None, incl_mid: bool = False,
+def accumulated_resid(cache: Activations, model, layer: int | None = None, incl_mid: bool = False,
                       apply_ln: bool = False, pos_slice=None, mlp_input: bool = False, return_labels: bool = False):
     """The residual stream entering each block up to and including ``layer`` (``"3_pre"``, ``"3_mid"``),
     and ``"final_post"`` when ``layer`` is ``n_layers``: ``[n_components, batch, pos, d_model]``.
@@ -95,7 +95,7 @@ def accumulated_resid(cache: ActivationCache, model, layer: int | None = None, i
     return _labels_out(stack, labels, return_labels)
 
 
-def decompose_resid(cache: ActivationCache, model, layer: int | None = None, mlp_input: bool = False,
+def decompose_resid(cache: Activations, model, layer: int | None = None, mlp_input: bool = False,
                     mode: str = "all", apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,
                     return_labels: bool = False):
     """What wrote the residual stream entering ``layer``: ``embed``, ``pos_embed``, then each block's
@@ -146,14 +146,14 @@ def accumulated_bias(model, layer: int, mlp_input: bool = False, include_mlp_bia
 
 
 # -- heads and neurons ------------------------------------------------------------------------------------
-def has_head_results(cache: ActivationCache, model, layer: int) -> bool:
+def has_head_results(cache: Activations, model, layer: int) -> bool:
     """Whether the cache holds a valid ``blocks.{layer}.attn.hook_result`` (``set_use_attn_result`` runs cache it)."""
     x = cache.cache_dict.get(f"blocks.{layer}.attn.hook_result")
     want = 4 if cache.has_batch_dim else 3
     return isinstance(x, torch.Tensor) and x.ndim == want and x.shape[-2] == model.cfg.n_heads
 
 
-def head_results(cache: ActivationCache, model, layer: int) -> torch.Tensor:
+def head_results(cache: Activations, model, layer: int) -> torch.Tensor:
     """Each head's contribution to ``hook_attn_out`` of ``layer``: ``[batch, pos, n_heads, d_model]``
     (their sum plus ``b_O`` is the attention output)."""
     if has_head_results(cache, model, layer):
@@ -165,23 +165,23 @@ def head_results(cache: ActivationCache, model, layer: int) -> torch.Tensor:
     return torch.einsum("...hd,hdm->...hm", z.to(dtype), W.to(dtype))
 
 
-def compute_head_results(cache: ActivationCache, model) -> ActivationCache:
+def compute_head_results(cache: Activations, model) -> Activations:
     """A new cache with ``blocks.L.attn.hook_result`` for every layer (``ActivationCache.compute_head_results``
     adds them in place)."""
     _no_post_norm(model)
     data = dict(cache.cache_dict)
     for L in range(model.cfg.n_layers):
         data[f"blocks.{L}.attn.hook_result"] = head_results(cache, model, L)
-    return ActivationCache(data, cache.model, has_batch_dim=cache.has_batch_dim)
+    return type(cache)(data, cache.model, has_batch_dim=cache.has_batch_dim)
 
 
-def _remainder(cache: ActivationCache, target: tuple, pos_slice: Slice, components: torch.Tensor) -> torch.Tensor:
+def _remainder(cache: Activations, target: tuple, pos_slice: Slice, components: torch.Tensor) -> torch.Tensor:
     """The rest of the residual stream ``target`` that ``components`` leave: ``[1, ...]``."""
     full = pos_slice.apply(cache[target], -2)
     return (full - components.sum(0) if components.shape[0] else full)[None]
 
 
-def stack_head_results(cache: ActivationCache, model, layer: int = -1, return_labels: bool = False,
+def stack_head_results(cache: Activations, model, layer: int = -1, return_labels: bool = False,
                        incl_remainder: bool = False, pos_slice=None, apply_ln: bool = False):
     """Every head's output before ``layer``: ``[layer * n_heads, batch, pos, d_model]``, labels ``"L3H5"``
     (``incl_remainder`` adds ``"remainder"``: the rest of ``resid_post`` of ``layer - 1``)."""
@@ -199,7 +199,7 @@ def stack_head_results(cache: ActivationCache, model, layer: int = -1, return_la
     return _labels_out(stack, labels, return_labels)
 
 
-def get_neuron_results(cache: ActivationCache, model, layer: int, neuron_slice=None, pos_slice=None,
+def get_neuron_results(cache: Activations, model, layer: int, neuron_slice=None, pos_slice=None,
                        project_output_onto: torch.Tensor | None = None) -> torch.Tensor:
     """Each neuron's output of ``layer``'s MLP: ``[batch, pos, d_mlp, d_model]`` (``d_model`` replaced by the
     projection's outputs, or dropped for a ``[d_model]`` one, with ``project_output_onto``)."""
@@ -214,7 +214,7 @@ def get_neuron_results(cache: ActivationCache, model, layer: int, neuron_slice=N
     return acts * projected if project_output_onto.ndim == 1 else acts[..., None] * projected
 
 
-def stack_neuron_results(cache: ActivationCache, model, layer: int | None = None, pos_slice=None, neuron_slice=None,
+def stack_neuron_results(cache: Activations, model, layer: int | None = None, pos_slice=None, neuron_slice=None,
                          return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False,
                          project_output_onto: torch.Tensor | None = None, mlp_input: bool = False):
     """Every MLP neuron's output before ``layer``: ``[layer * d_mlp, batch, pos, d_model]``, labels ``"L3N7"``.
@@ -260,7 +260,7 @@ def stack_neuron_results(cache: ActivationCache, model, layer: int | None = None
     return _labels_out(stack.squeeze(-1) if squeeze else stack, labels, return_labels)
 
 
-def get_full_resid_decomposition(cache: ActivationCache, model, layer: int | None = None, mlp_input: bool = False,
+def get_full_resid_decomposition(cache: Activations, model, layer: int | None = None, mlp_input: bool = False,
                                  expand_neurons: bool = True, apply_ln: bool = False, pos_slice=None,
                                  return_labels: bool = False, project_output_onto: torch.Tensor | None = None):
     """Heads, then neurons (or MLP outputs), ``embed``, ``pos_embed`` and the summed ``"bias"``, before
@@ -308,7 +308,7 @@ def _centres(model, layer: int) -> bool:
         layer == model.cfg.n_layers and getattr(model.cfg, "final_rms", False))
 
 
-def _scale(cache: ActivationCache, model, layer: int, mlp_input: bool, pos_slice: Slice,
+def _scale(cache: Activations, model, layer: int, mlp_input: bool, pos_slice: Slice,
            batch_slice: Slice) -> torch.Tensor:
     if layer == model.cfg.n_layers:
         if mlp_input:
@@ -330,7 +330,7 @@ def final_norm(model, x: torch.Tensor) -> torch.Tensor:
     return module(flat).reshape(x.shape)
 
 
-def apply_ln_to_stack(cache: ActivationCache, model, residual_stack: torch.Tensor, layer: int | None = None,
+def apply_ln_to_stack(cache: Activations, model, residual_stack: torch.Tensor, layer: int | None = None,
                       mlp_input: bool = False, pos_slice=None, batch_slice=None, has_batch_dim: bool = True,
                       recompute_ln: bool = False) -> torch.Tensor:
     """Treat each component as the input of ``layer``'s ln1 (ln2 with ``mlp_input``; ``ln_final`` for
@@ -381,13 +381,13 @@ def scaled_logit_attrs(model, scaled_stack: torch.Tensor, tokens, incorrect_toke
     return (scaled_stack * directions).sum(-1)
 
 
-def logit_attrs(cache: ActivationCache, model, residual_stack: torch.Tensor, tokens, incorrect_tokens=None,
+def logit_attrs(cache: Activations, model, residual_stack: torch.Tensor, tokens, incorrect_tokens=None,
                 pos_slice=None, batch_slice=None, has_batch_dim: bool = True) -> torch.Tensor:
     """TL's direct logit attribution: the stack (*not* yet normalised) is scaled by ``ln_final``'s cached
     scale, then dotted with the tokens' residual directions (minus ``incorrect_tokens``'). ``pos_slice`` /
     ``batch_slice`` are the slices already applied to the stack. ``tokens``: a string, an int, or ids
     ``[batch]`` / ``[batch, pos]``. Returns ``[n_components, *batch_and_pos]``."""
-    if not isinstance(cache, ActivationCache):
+    if not isinstance(cache, Activations):
         raise TypeError("logit_attrs(cache, model, residual_stack, tokens, ...) scales the stack itself, as "
                         "TransformerLens does; for a stack already normalised use scaled_logit_attrs(model, stack, "
                         "tokens, incorrect_tokens)")

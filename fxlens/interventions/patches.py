@@ -17,14 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tracer.sites import spec
+from ..tracer.sites import site_dims
 
 Index = int | slice | Sequence[int] | torch.Tensor | None
-
-
-def site_dims(name: str) -> list[str]:
-    """Dim names of a site from the catalogue, e.g. ``["batch", "pos", "n_heads", "d_head"]``."""
-    return [d.strip() for d in spec(name).shape.strip("[]").split(",")]
 
 
 def region_mask(x: torch.Tensor, name: str, pos: Index = None, head: Index = None,

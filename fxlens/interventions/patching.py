@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..cache import act_name
+from ..names import act_name
 from .attribution import GRIDS as ATTRIBUTION_GRIDS
 from .attribution import attribution_patch
 from .patches import ReplacePatch

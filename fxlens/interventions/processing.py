@@ -37,8 +37,6 @@ from .weights import in_out, norm_affine
 def process_weights(model, *, fold_ln: bool = True, center_writing_weights: bool | None = None,
                     center_unembed: bool = True, fold_value_biases: bool = False, check: bool = True):
     """A processed copy of ``model`` (see module docstring); ``check`` compares logits with the original."""
-    from ..loading import trace
-
     fam, cfg = model.family, model.cfg
     layer_norm = cfg.normalization_type.startswith("LN")
     if fam.moe:
@@ -65,7 +63,7 @@ def process_weights(model, *, fold_ln: bool = True, center_writing_weights: bool
             _center_unembed(hf)
         if fold_value_biases:
             _fold_value_biases(model, hf)
-    out = trace(hf, model.tokenizer, compile=model.compile, model_class=type(model))
+    out = model.retrace(hf)
     if fold_ln:
         out.cfg = dataclasses.replace(out.cfg, normalization_type=cfg.normalization_type + "Pre")
     out.processing = {"fold_ln": fold_ln, "center_writing_weights": bool(center_writing_weights),

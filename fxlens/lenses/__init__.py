@@ -8,10 +8,10 @@
 
 from .data import TokenChunks, austen_files, text_files, tokenize_chunks
 from .eval import LensEval, PredictionTrajectory, evaluate
-from .io import load_lens, save_lens
+from .io import TunedLensConfig
 from .logit_lens import Lens, LogitLens, resid_name, residual_stream
 from .train import TrainConfig, TrainResult, init_distributed, train_lens
-from .tuned_lens import TunedLens, TunedLensConfig
+from .tuned_lens import TunedLens, load_lens, save_lens
 from .unembed import Unembed
 
 __all__ = [

@@ -15,7 +15,7 @@ import inspect
 import textwrap
 from pathlib import Path
 
-from ..cli import positive_int
+from ..cli_args import load_model, positive_int
 from .train import TrainConfig
 
 
@@ -97,12 +97,10 @@ def add_lens(sub) -> None:
 def _load_model(args):
     import os
 
-    from ..cli import _load
-
     device = args.device
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return _load(args.model, args.dtype, device, args.device_map)
+    return load_model(args.model, args.dtype, device, args.device_map)
 
 
 def cmd_train(args) -> int:
@@ -127,8 +125,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .data import tokenize_chunks
     from .eval import evaluate
-    from .io import load_lens
     from .logit_lens import LogitLens
+    from .tuned_lens import load_lens
 
     model = _load_model(args)
     chunks = tokenize_chunks(model.tokenizer, args.text, args.seq_len, args.max_chunks)
@@ -157,8 +155,8 @@ def cmd_plot(args) -> int:
         if not args.model:
             raise ValueError("--prompt needs --model (and optionally --lens)")
         from .eval import PredictionTrajectory
-        from .io import load_lens
         from .logit_lens import LogitLens
+        from .tuned_lens import load_lens
 
         model = _load_model(args)
         lenses = {"logit_lens": LogitLens(model)}

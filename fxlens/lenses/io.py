@@ -11,28 +11,96 @@ the translator weights, keyed ``"{layer}.weight"`` / ``"{layer}.bias"``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .tuned_lens import TunedLens, TunedLensConfig
-
 SAFETENSORS, PICKLE, CONFIG = "params.safetensors", "params.pt", "config.json"
 FORMATS = ("fxlens", "tuned-lens")
 
 
-def save_lens(lens: TunedLens, path: str | Path, format: str = "fxlens") -> Path:
-    """Write ``lens`` to the folder ``path`` in ``format`` (``"fxlens"`` or ``"tuned-lens"``)."""
+@dataclass
+class TunedLensConfig:
+    """The lens configuration stored in ``config.json`` (tuned-lens 0.2's fields, same names).
+
+    Unknown keys are ignored with a warning when read, so configs move between versions and tools.
+    """
+
+    base_model_name_or_path: str
+    """The model the lens was trained on (HF name or path)."""
+    d_model: int
+    """Residual width."""
+    num_hidden_layers: int
+    """Number of translators: one per lens layer ``0 .. n_layers - 1``."""
+    bias: bool = True
+    """Whether the translators have a bias."""
+    base_model_revision: str | None = None
+    """Revision of the base model, if known."""
+    unembed_hash: str | None = None
+    """SHA-256 of the unembedding matrix the lens was trained through."""
+    lens_type: str = "linear_tuned_lens"
+    """Lens kind (tuned-lens' name)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TunedLensConfig:
+        """Build from a ``config.json`` object; every field's JSON type is checked (``ValueError`` names it)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a lens config is a JSON object of settings, not a {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            warnings.warn(f"ignoring unknown lens config keys {unknown}", stacklevel=2)
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"lens config lacks required keys {missing}")
+        for name, value in d.items():
+            if name in names:
+                _check_field(name, value)
+        if d.get("lens_type", "linear_tuned_lens") != "linear_tuned_lens":
+            raise ValueError(f"lens_type {d['lens_type']!r} is not supported: only 'linear_tuned_lens'")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: field -> (accepted Python types of the JSON value, how to write it, whether null is allowed)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str, bool]] = {
+    "base_model_name_or_path": ((str,), 'a string such as "HuggingFaceTB/SmolLM2-135M"', False),
+    "d_model": ((int,), "a positive integer such as 576 (no quotes, no decimal point)", False),
+    "num_hidden_layers": ((int,), "a positive integer such as 30 (no quotes, no decimal point)", False),
+    "bias": ((bool,), "true or false (JSON booleans, no quotes)", False),
+    "base_model_revision": ((str,), "a string or null", True),
+    "unembed_hash": ((str,), "a string or null", True),
+    "lens_type": ((str,), 'the string "linear_tuned_lens"', False),
+}
+
+
+def _check_field(name: str, value) -> None:
+    types, how, nullable = _FIELD_TYPES[name]
+    if value is None and nullable:
+        return
+    right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))  # True is an int
+    if not right_type or (int in types and value < 1):
+        raise ValueError(f"lens config field {name!r} must be {how}, not {value!r} ({type(value).__name__})")
+
+
+def write_lens(path: str | Path, config: TunedLensConfig, state: dict[str, torch.Tensor],
+               format: str = "fxlens") -> Path:
+    """Write a lens folder: ``config`` and the translator ``state`` in ``format`` (``"fxlens"`` or ``"tuned-lens"``)."""
     if format not in FORMATS:
         raise ValueError(f"unknown lens format {format!r}; use one of {FORMATS}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in lens.layer_translators.state_dict().items()}
-    config = lens.config.to_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    config = config.to_dict()
     if format == "fxlens":
         save_file(state, str(path / SAFETENSORS), metadata={"format": "pt"})
         config["format"] = "fxlens"
@@ -95,22 +163,3 @@ def read_lens(path: str | Path) -> tuple[TunedLensConfig, dict[str, torch.Tensor
     # Older tuned-lens checkpoints prefix translator keys with "layer_translators." or hold the unembed too.
     state = {k.removeprefix("layer_translators."): v for k, v in state.items() if not k.startswith("unembed.")}
     return config, state
-
-
-def load_lens(model, path: str | Path) -> TunedLens:
-    """Load a lens folder (either format) for ``model``; warns if the unembedding hash differs."""
-    config, state = read_lens(path)
-    if config.num_hidden_layers != model.cfg.n_layers or config.d_model != model.cfg.d_model:
-        raise ValueError(f"lens at {path} is for {config.num_hidden_layers} layers x d_model {config.d_model}; "
-                         f"the model has {model.cfg.n_layers} x {model.cfg.d_model}")
-    lens = TunedLens(model, config=config)
-    if not lens.unembedding_matches():
-        warnings.warn(f"the lens at {path} was trained through a different unembedding "
-                      f"(hash {str(config.unembed_hash)[:12]}...): its predictions may be meaningless", stacklevel=2)
-    target = lens.layer_translators[0].weight
-    try:
-        lens.layer_translators.load_state_dict({k: v.to(target.device, target.dtype) for k, v in state.items()})
-    except RuntimeError as e:  # missing / unexpected keys, wrong shapes
-        raise ValueError(f"the weights in {path} do not match its {CONFIG} ({config.num_hidden_layers} layers x "
-                         f"d_model {config.d_model}, bias={config.bias}): {e}") from e
-    return lens

@@ -21,6 +21,8 @@ import torch
 import transformers
 from torch import fx, nn
 
+from .._version import __version__
+from ..storage import cache_dir
 from .graph import getattr_path
 from .sites import Site
 
@@ -45,8 +47,6 @@ def _tracer_source_hash() -> str:
 
 def cache_key(model: nn.Module) -> str:
     """Structure key: config, parameter/buffer shapes and dtypes, versions, tracer code."""
-    from .. import __version__
-
     parts = [_tracer_source_hash(),
         model.config.to_json_string(use_diff=False), type(model).__name__,
         str(getattr(model.config, "_attn_implementation", None)),
@@ -99,8 +99,6 @@ def _args_in(a, env: dict[str, fx.Node]):
 
 
 def _path(model: nn.Module, key: str) -> Path:
-    from ..loading import cache_dir
-
     return cache_dir() / "graphs" / f"{type(model).__name__}-{key}.pkl"
 
 

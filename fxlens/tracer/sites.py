@@ -105,6 +105,11 @@ def spec(name: str) -> SiteSpec:
     return SPECS[template(name)]
 
 
+def site_dims(name: str) -> list[str]:
+    """Dim names of a site from the catalogue, e.g. ``["batch", "pos", "n_heads", "d_head"]``."""
+    return [d.strip() for d in spec(name).shape.strip("[]").split(",")]
+
+
 @dataclass
 class Site:
     """Where a site sits in the captured graph.

@@ -8,8 +8,7 @@ import warnings
 
 import numpy as np
 
-from fxlens.lenses import TunedLens
-from fxlens.lenses.io import load_lens
+from fxlens.lenses import TunedLens, load_lens
 from tests.conftest import traced
 
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import fxlens
-from fxlens.tracer.check import check_sites
+from fxlens.check import check_sites
 from tests.conftest import tokens, traced
 
 

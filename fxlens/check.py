@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .interventions.analysis import decompose_resid, head_results
+
 TOL = 1e-4  # relative to max(1, |reference|): fp32 tiny models agree to ~1e-6; a wrong tensor is off by ~1e-1
 
 
@@ -293,8 +295,6 @@ def _check_qkv(res: SiteCheck, name: str, site, got: torch.Tensor, proj_out, mod
 
 def _check_identities(res: SiteCheck, model, cache, config) -> None:
     """Embeddings + branch outputs sum to the residual; head results sum to ``hook_attn_out``."""
-    from ..interventions.analysis import decompose_resid, head_results
-
     fam, n = model.family, model.cfg.n_layers
     if fam.post_norm:  # norm(x + sublayer(x)): each sum is what the following norm reads
         for L in range(n):
