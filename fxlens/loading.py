@@ -20,9 +20,10 @@ from .model import HookedModel
 from .support import UnsupportedModelError, unsupported_reason
 from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
+from .tracer.chains import graph_heads
 from .tracer.discover import discover
 from .tracer.families import RULES, Family
-from .tracer.locate import Shape, graph_heads, locate
+from .tracer.locate import Shape, locate
 from .tracer.passes.positions import mask_positions
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -33,8 +34,24 @@ def test_mla_tiny_config_gives_every_head_its_keys():
     assert cfg.num_key_value_heads == cfg.num_attention_heads and cfg.head_dim == cfg.qk_rope_head_dim
 
 
-def test_a_row_is_green_only_with_correct_site_values():
-    row = coverage.check_one("granite")  # embedding x3, residual x0.5: W_O lacks the multiplier
+def test_a_row_is_green_only_with_correct_site_values(monkeypatch):
+    import fxlens.tracer.check as check
+
+    real = check.check_sites
+
+    def moved(m, ids):  # as if blocks.1.hook_attn_out held the wrong tensor: outputs stay equal to HF
+        res = real(m, ids)
+        res._record("attn_out", "blocks.1.hook_attn_out", torch.zeros(2, 3), torch.ones(2, 3))
+        return res
+
+    monkeypatch.setattr(check, "check_sites", moved)
+    row = coverage.check_one("llama")
     assert row["sites"] and row["fidelity"] <= 1e-5 and row["capture_s"] > 0
-    assert row["values_ok"] is False and "heads" in row["values"] and not coverage.green(row)
-    assert row["errors"]["embed"] <= 1e-4 and row["errors"]["decompose"] <= 1e-4
+    assert row["values_ok"] is False and "attn_out" in row["values"] and not coverage.green(row)
+    assert row["errors"]["embed"] <= 1e-4
+
+
+def test_granite_row_is_green_with_its_multipliers_in_the_weights():
+    row = coverage.check_one("granite")  # embedding x3, residual x0.5, logits / 2 (tiny_configs.TINY)
+    assert coverage.green(row), row["values"] or row["reason"]
+    assert row["errors"]["heads"] <= 1e-4 and row["errors"]["weights"] <= 1e-4
