@@ -22,6 +22,7 @@ from .graph import (
     is_tensor,
     tensor_val,
 )
+from .passes.attention import pos_major
 from .passes.norm_scale import normalized_node
 from .sites import Site
 
@@ -229,7 +230,7 @@ class Locator:
             q, k, v = core.args[:3]
             for name in ("hook_attn_scores", "hook_pattern", "hook_z"):
                 self.add(f"{p}.{name}", None, path, layout="bhsd" if name == "hook_z" else "same",
-                         derive="attention", extra={"sdpa": core.name})
+                         derive="attention", extra={"sdpa": core.name, "pos_major": pos_major(core)})
         elif len(soft) == 1:
             scores, pattern = soft[0].args[0], follow_identity(soft[0])
             z = next((u for u in pattern.users if is_op(u, _MATMULS) and u.args[0] is pattern), None)

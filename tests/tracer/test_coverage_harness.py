@@ -55,3 +55,21 @@ def test_granite_row_is_green_with_its_multipliers_in_the_weights():
     row = coverage.check_one("granite")  # embedding x3, residual x0.5, logits / 2 (tiny_configs.TINY)
     assert coverage.green(row), row["values"] or row["reason"]
     assert row["errors"]["heads"] <= 1e-4 and row["errors"]["weights"] <= 1e-4
+
+#: rows that were harness errors or misplaced sites: a wrapped text tower under a rule (gemma3), d_model
+#: from a text config (fuyu), SDPA output strides (afmoe), MQA's [B, 1, S, H*D] query (gpt_bigcode),
+#: eager q@k behind a causal mask (gpt_neo), an unbatched sinusoidal position table (pegasus), a MoE
+#: router's softmax beside the attention (granitemoe_swa traces; its attention sinks keep it not green)
+NOW_GREEN = ["gemma3", "fuyu", "afmoe", "gpt_bigcode", "gpt_neo", "pegasus"]
+
+
+@pytest.mark.parametrize("model_type", NOW_GREEN)
+def test_formerly_failing_rows_are_green(model_type):
+    row = coverage.check_one(model_type)
+    assert coverage.green(row), row["reason"] or row["values"]
+    assert row["how"] == ("rule" if model_type == "gemma3" else "discovery")
+
+
+def test_router_softmax_is_not_an_attention_op():
+    row = coverage.check_one("granitemoe_swa")
+    assert row["sites"] is True and "exactly one attention op" not in row["reason"]
