@@ -64,7 +64,8 @@ def pos_major(sdpa: fx.Node) -> bool:
     val = sdpa.meta.get("val")
     try:
         stride = val.stride()
-        return val.dim() == 4 and val.shape[1] > 1 and val.shape[2] > 1 and stride[1] < stride[2]
+        # plain bools (symbolic dims give SymBools, which must not reach the site table / graph cache)
+        return bool(val.dim() == 4 and val.shape[1] > 1 and val.shape[2] > 1 and stride[1] < stride[2])
     except (AttributeError, RuntimeError, TypeError):
         return False
 
