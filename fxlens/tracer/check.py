@@ -10,7 +10,8 @@ weights reproduce ``hook_embed`` and the logits (``W_E[ids]``, ``ln_final.hook_o
 
 Documented scalings are part of the reference: Granite multiplies the embedding by
 ``embedding_multiplier`` and every branch output by ``residual_multiplier`` before the
-residual add (Gemma's ``sqrt(d_model)`` is inside its embedding module's output).
+residual add, CTRL its embedding by ``sqrt(n_embd)`` (Gemma's ``sqrt(d_model)`` is inside its
+embedding module's output). Hooks record copies, so later in-place edits do not reach them.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ class SiteCheck:
             self.classes[cls] = ClassResult(skipped=why)
 
 
+def _copy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    return (tuple if isinstance(x, tuple) else list)(_copy(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -124,9 +131,9 @@ class _Recorder:
             self._paths[id(mod)].append(p)
 
     def _hook(self, key: int):
-        def fn(mod, args, kwargs, out):
+        def fn(mod, args, kwargs, out):  # copies: the model may later mutate them in place (GIT's embeddings +=)
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-            self._calls[key].append((x, out))
+            self._calls[key].append((_copy(x), _copy(out)))
         return fn
 
     def close(self) -> None:
@@ -150,7 +157,10 @@ def _multiplier(config, name: str) -> float:
 
 
 def _embed_scale(config) -> float:
-    """Granite's ``embedding_multiplier`` (Gemma's ``sqrt(d_model)`` sits inside its embedding module)."""
+    """Granite's ``embedding_multiplier``, CTRL's ``sqrt(n_embd)`` (in its forward, ``inputs_embeds *= ...``);
+    Gemma's ``sqrt(d_model)`` sits inside its embedding module."""
+    if getattr(config, "model_type", None) == "ctrl":
+        return math.sqrt(config.n_embd)
     return _multiplier(config, "embedding_multiplier")
 
 

@@ -233,10 +233,10 @@ class Locator:
                          derive="attention", extra={"sdpa": core.name, "pos_major": pos_major(core)})
         elif len(soft) == 1:
             scores, pattern = soft[0].args[0], follow_identity(soft[0])
-            z = next((u for u in pattern.users if is_op(u, _MATMULS) and u.args[0] is pattern), None)
+            z = next((u for u in pattern.users if is_op(u, _MATMULS)), None)
             qk = self._qk(scores, path)
-            if z is None or qk is None or self.labels(z)[:1] != ("B",) or len(self.labels(z)) != 4:
-                self.missing.append(f"{p}.* (eager attention in {path} has no q@k / per-head pattern@v matmuls)")
+            if z is None or qk is None:
+                self.missing.append(f"{p}.* (eager attention in {path} has no q@k / pattern@v matmuls)")
                 return
             q, k = qk.args[1:3] if is_op(qk, {aten.baddbmm.default}) else qk.args[:2]
             v = z.args[1]

@@ -60,7 +60,7 @@ def test_granite_row_is_green_with_its_multipliers_in_the_weights():
 #: from a text config (fuyu), SDPA output strides (afmoe), MQA's [B, 1, S, H*D] query (gpt_bigcode),
 #: eager q@k behind a causal mask (gpt_neo), an unbatched sinusoidal position table (pegasus), a MoE
 #: router's softmax beside the attention (granitemoe_swa traces; its attention sinks keep it not green)
-NOW_GREEN = ["gemma3", "fuyu", "afmoe", "gpt_bigcode", "gpt_neo", "pegasus"]
+NOW_GREEN = ["gemma3", "fuyu", "afmoe", "gpt_bigcode", "gpt_neo", "pegasus", "mvp"]
 
 
 @pytest.mark.parametrize("model_type", NOW_GREEN)
@@ -73,3 +73,16 @@ def test_formerly_failing_rows_are_green(model_type):
 def test_router_softmax_is_not_an_attention_op():
     row = coverage.check_one("granitemoe_swa")
     assert row["sites"] is True and "exactly one attention op" not in row["reason"]
+
+
+def test_in_place_embedding_add_does_not_reach_hook_embed():
+    """GIT adds positions with ``embeddings += pos``: the cached hook_embed is the word embedding, and the
+    checker's HF reference is a copy taken before the in-place add (both were embed + pos before)."""
+    import fxlens
+
+    hf = coverage.tiny_model("git")
+    m = fxlens.trace(hf, graph_cache=False)
+    ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(0))
+    _, c = m.run_with_cache(ids, names_filter=["hook_embed"])
+    torch.testing.assert_close(c["hook_embed"], hf.git.embeddings.word_embeddings(ids), atol=0, rtol=0)
+    assert coverage.green(coverage.check_one("git"))
