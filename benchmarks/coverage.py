@@ -64,6 +64,8 @@ def check_one(model_type: str) -> dict:
         model = tiny_model(model_type)
         stage = "trace"
         m = fxlens.trace(model, graph_cache=False)  # cold: no graph cache
+        how = {s.found_by for s in m.sites.values()}  # a rule also serves wrapped text towers (Gemma 3)
+        row.update(how="rule" if how == {"rule"} else "discovery")
         row.update(captured=True, sites=True, n_sites=len(m.all_hook_names), family=m.cfg.family,
                    capture_s=round(m.capture_seconds, 2))
         ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -5,11 +5,13 @@ hooks on the HF modules a site names (embeddings, norm outputs and inputs, atten
 and MLP outputs, q/k/v projections, MLP activations), eager attention weights for
 ``hook_pattern``, and two identities that tie the sites together: the embeddings plus
 every branch output sum to the last ``resid_post`` (what ``decompose_resid`` relies on),
-and per-head results through ``W_O`` sum to ``hook_attn_out``.
+per-head results through ``W_O`` sum to ``hook_attn_out``, and the embedding / unembedding
+weights reproduce ``hook_embed`` and the logits (``W_E[ids]``, ``ln_final.hook_out @ W_U + b_U``).
 
 Documented scalings are part of the reference: Granite multiplies the embedding by
 ``embedding_multiplier`` and every branch output by ``residual_multiplier`` before the
-residual add (Gemma's ``sqrt(d_model)`` is inside its embedding module's output).
+residual add, CTRL its embedding by ``sqrt(n_embd)`` (Gemma's ``sqrt(d_model)`` is inside its
+embedding module's output). Hooks record copies, so later in-place edits do not reach them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ TOL = 1e-4  # relative to max(1, |reference|): fp32 tiny models agree to ~1e-6; 
 
 
 _REQUIRED = ("resid", "embed", "attn_out", "mlp_out", "qkv", "pattern", "decompose")
-_MAY_SKIP = ("heads",)
+_MAY_SKIP = ("heads", "weights")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class SiteCheck:
             scale = max(1.0, ref[finite].abs().max().item() if finite.any() else 1.0)
             same_inf = (got == ref) | (torch.isnan(got) & torch.isnan(ref))
             err = ((got - ref).abs().where(~same_inf, torch.zeros_like(got)).max().item() / scale)
+        err = math.inf if math.isnan(err) else err  # a NaN where the reference has a number is a failure
         res.n += 1
         if err > res.max_err or not res.worst:
             res.max_err, res.worst = max(res.max_err, err), name
@@ -94,6 +97,12 @@ class SiteCheck:
     def _skip(self, cls: str, why: str) -> None:
         if cls not in self.classes or not self.classes[cls].n:
             self.classes[cls] = ClassResult(skipped=why)
+
+
+def _copy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    return (tuple if isinstance(x, tuple) else list)(_copy(v) for v in x) if isinstance(x, (tuple, list)) else x
 
 
 def _first(x):
@@ -124,9 +133,9 @@ class _Recorder:
             self._paths[id(mod)].append(p)
 
     def _hook(self, key: int):
-        def fn(mod, args, kwargs, out):
+        def fn(mod, args, kwargs, out):  # copies: the model may later mutate them in place (GIT's embeddings +=)
             x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-            self._calls[key].append((x, out))
+            self._calls[key].append((_copy(x), _copy(out)))
         return fn
 
     def close(self) -> None:
@@ -150,7 +159,10 @@ def _multiplier(config, name: str) -> float:
 
 
 def _embed_scale(config) -> float:
-    """Granite's ``embedding_multiplier`` (Gemma's ``sqrt(d_model)`` sits inside its embedding module)."""
+    """Granite's ``embedding_multiplier``, CTRL's ``sqrt(n_embd)`` (in its forward, ``inputs_embeds *= ...``);
+    Gemma's ``sqrt(d_model)`` sits inside its embedding module."""
+    if getattr(config, "model_type", None) == "ctrl":
+        return math.sqrt(config.n_embd)
     return _multiplier(config, "embedding_multiplier")
 
 
@@ -191,7 +203,7 @@ def check_sites(model, ids: torch.Tensor | None = None) -> SiteCheck:
     ids = ids.to(model.device)
     mask = torch.ones_like(ids)
     res = SiteCheck()
-    _, cache = model.run_with_cache(ids)
+    logits, cache = model.run_with_cache(ids)
     mods = {s.module for s in sites.values() if s.module}
     mods |= {s.extra["proj_module"] for s in sites.values() if "proj_module" in s.extra}
     mods |= {fam.block(L, "") for L in range(n)} | {fam.block(L, fam.attn) for L in range(n)}
@@ -209,7 +221,24 @@ def check_sites(model, ids: torch.Tensor | None = None) -> SiteCheck:
     _check_modules(res, model, cache, rec, config)
     _check_identities(res, model, cache, config)
     _check_pattern(res, model, cache, ids, mask, rec)
+    _check_weights(res, model, cache, ids, logits, config)
     return res
+
+
+def _check_weights(res: SiteCheck, model, cache, ids, logits, config) -> None:
+    """``W_E[ids] == hook_embed`` and ``ln_final.hook_out @ W_U + b_U == logits`` (the scales included)."""
+    try:
+        if "hook_embed" in cache:
+            res._record("weights", "W_E[ids] vs hook_embed", model.W_E[ids], cache["hook_embed"])
+        if model.output_kind != "logits" or "ln_final.hook_out" not in cache:
+            res._skip("weights", "no LM head after a final norm")
+        elif getattr(config, "final_logit_softcapping", None):
+            res._skip("weights", "final logit soft-capping: W_U is the map before the cap")
+        else:
+            res._record("weights", "ln_final.hook_out @ W_U + b_U vs logits",
+                        cache["ln_final.hook_out"] @ model.W_U + model.b_U, logits)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        res._skip("weights", f"{type(e).__name__}: {e}"[:160])
 
 
 def _check_resid(res: SiteCheck, model, cache, hs, rec: _Recorder) -> None:
@@ -239,8 +268,10 @@ def _check_modules(res: SiteCheck, model, cache, rec: _Recorder, config) -> None
         leaf = name.rsplit(".", 1)[-1]
         if name == "hook_embed" and out is not None:
             res._record("embed", name, got, out * _embed_scale(config))
-        elif name == "hook_pos_embed" and out is not None:
-            res._record("embed", name, got, out.expand_as(got) if out.dim() == got.dim() else out)
+        elif name == "hook_pos_embed" and out is not None:  # either side may be unbatched or batch 1
+            got, out = torch.broadcast_tensors(got, out) if got.dim() != out.dim() or got.shape[0] == 1 \
+                else (got, out.expand_as(got))
+            res._record("embed", name, got, out)
         elif leaf == "hook_out" and out is not None:
             res._record("norm", name, got, out)
         elif leaf == "hook_normalized" and inp is not None:  # TL's pre-weight vector, from the module input
@@ -267,6 +298,9 @@ def _check_qkv(res: SiteCheck, name: str, site, got: torch.Tensor, proj_out, mod
     """``hook_q/k/v`` are the projection's output split into heads (before QK-norm and rotary)."""
     if proj_out is None:
         res._skip("qkv", f"projection module {site.extra.get('proj_module')} did not run")
+        return
+    if got.dim() != 4:  # not [batch, pos, heads, d_head]: the site is misplaced
+        res._record("qkv", name, got, torch.full_like(got, math.nan))
         return
     B, S, H, D = got.shape
     width = proj_out.shape[-1]
@@ -307,8 +341,10 @@ def _check_identities(res: SiteCheck, model, cache, config) -> None:
         res._skip("heads", "post-norm blocks: hook_attn_out is checked against the HF module instead")
         return
     parts = [cache["hook_embed"]] + ([cache["hook_pos_embed"]] if "hook_pos_embed" in cache else [])
-    res._record("decompose", "hook_embed (+pos) vs blocks.0.hook_resid_pre",
-                sum(p.expand_as(parts[0]) for p in parts), cache["blocks.0.hook_resid_pre"])
+    embeds_sum = model.sites["hook_embed"].extra.get("sums_to_resid", True)
+    if embeds_sum:
+        res._record("decompose", "hook_embed (+pos) vs blocks.0.hook_resid_pre",
+                    sum(p.expand_as(parts[0]) for p in parts), cache["blocks.0.hook_resid_pre"])
     for L in range(n):
         p = f"blocks.{L}"
         pre, a, m = cache[f"{p}.hook_resid_pre"], cache[f"{p}.hook_attn_out"], cache[f"{p}.hook_mlp_out"]
@@ -322,7 +358,16 @@ def _check_identities(res: SiteCheck, model, cache, config) -> None:
         res._skip("heads", "branch outputs are renormalised before the residual add: not linear in heads")
         return
     try:
-        total = decompose_resid(cache, model).sum(0)
+        if embeds_sum:
+            total = decompose_resid(cache, model).sum(0)
+        else:  # an embedding norm: decompose_resid must refuse the embeddings, and sums from resid_pre0
+            try:
+                decompose_resid(cache, model)
+                res._record("decompose", "decompose_resid must refuse", torch.full_like(cache["hook_embed"], math.nan),
+                            cache["hook_embed"])
+            except ValueError:
+                pass
+            total = decompose_resid(cache, model, incl_embeds=False).sum(0) + cache["blocks.0.hook_resid_pre"]
         res._record("decompose", "decompose_resid sum", total, cache[f"blocks.{n - 1}.hook_resid_post"])
         for L in range(n):
             heads = head_results(cache, model, L).sum(2) + model.b_O[L]

@@ -62,7 +62,7 @@ def hf_dims(config) -> tuple[int, int, int, int, int]:
     """``(n_layers, d_model, n_heads, n_kv_heads, d_head)`` from an HF config.
 
     The head counts are the config's claim; ``trace`` prefers what the captured graph shows
-    (``locate.graph_heads``) and uses these only where the graph has no attention op.
+    (``chains.graph_heads``) and uses these only where the graph has no attention op.
     Families without attention heads (state-space models) get ``n_heads = 0``.
     """
     if not isinstance(getattr(config, "num_hidden_layers", None), int):

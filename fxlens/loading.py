@@ -21,9 +21,11 @@ from .storage import cache_dir
 from .support import UnsupportedModelError, unsupported_reason
 from .tracer import graph_cache as graph_cache_mod
 from .tracer.capture import capture
+from .tracer.chains import graph_heads
 from .tracer.discover import discover
 from .tracer.families import RULES, Family
-from .tracer.locate import Shape, graph_heads, locate
+from .tracer.families.base import rerooted
+from .tracer.locate import Shape, locate
 from .tracer.passes.positions import mask_positions
 
 
@@ -46,6 +48,7 @@ def trace(hf_model: nn.Module, tokenizer=None, *, compile: bool = False, graph_c
                          "device. Use a device_map over GPUs and 'cpu' without 'disk'.")
     config = getattr(hf_model.config, "text_config", None) or hf_model.config
     family = RULES.get(config.model_type)
+    family = family and rerooted(family, hf_model)  # a rule for the text tower inside a multimodal wrapper
     use_cache = graph_cache and os.environ.get("FXLENS_GRAPH_CACHE", "1") != "0"
     t0 = time.perf_counter()
     hit = graph_cache_mod.load(hf_model) if use_cache else None

@@ -1,8 +1,8 @@
 """Page 3 — OV and QK circuits of one head, read from the weights (no prompt).
 
 Definitions (``L``, ``h`` the head; ``x_t = ln1_L(W_E[t])``, block ``L``'s attention norm applied to token
-``t``'s embedding as if it were the whole residual stream; ``u_t = w_ln_final * W_U[:, t]``, the
-direction that writes token ``t``'s logit):
+``t``'s embedding as if it were the whole residual stream (``W_E[t]`` itself in blocks without one);
+``u_t = w_ln_final * W_U[:, t]``, the direction that writes token ``t``'s logit):
 
 * full OV circuit: ``OV[s, t] = x_s @ W_V[L,h] @ W_O[L,h] @ u_t`` — how much attending to source token
   ``s`` raises the logit of ``t`` (``model.OV`` as a :class:`FactoredMatrix`; value/output biases left out);
@@ -79,6 +79,8 @@ def _inputs(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
     if model.family.post_norm:
         raise ValueError(f"{model.cfg.family} norms after the residual add: the head reads the raw residual, "
                          "and this page's embedding-through-ln1 circuits are not defined for it")
+    if model.family.ln1 is None:  # no pre-attention norm (OLMo 2): q/k/v read the residual stream itself
+        return model.W_E[ids.to(model.W_E.device)].detach().float()
     ln1 = model.hf_model.get_submodule(model.family.block(layer, model.family.ln1))
     with torch.no_grad():
         return ln1(model.W_E[ids.to(model.W_E.device)]).float()

@@ -45,6 +45,19 @@ def _no_post_norm(model) -> None:
                          "attention/MLP outputs are not linear in heads or neurons, so this decomposition is undefined")
 
 
+def _linear_resid(model, incl_embeds: bool) -> None:
+    """Refuse a decomposition whose parts would not sum to the residual stream (see :func:`decompose_resid`)."""
+    if model.family.post_norm:
+        raise ValueError(f"{model.cfg.family} norms the residual stream after each add (post-norm blocks): the "
+                         "residual is not a sum of branch outputs, so it has no additive decomposition")
+    embed = model.sites.get("hook_embed")
+    if incl_embeds and embed is not None and embed.extra.get("sums_to_resid") is False:
+        raise ValueError(f"in {model.cfg.family}, blocks.0.hook_resid_pre is not hook_embed + hook_pos_embed (an "
+                         "embedding LayerNorm or another embedding sits between them), so the parts would not sum "
+                         "to the residual stream. Use blocks.0.hook_resid_pre as the embedding term: "
+                         "cache['blocks.0.hook_resid_pre'] plus decompose_resid(..., incl_embeds=False)")
+
+
 def _attn_only(model) -> bool:
     return bool(getattr(model.cfg, "attn_only", False))
 
@@ -100,11 +113,13 @@ def decompose_resid(cache: Activations, model, layer: int | None = None, mlp_inp
                     return_labels: bool = False):
     """What wrote the residual stream entering ``layer``: ``embed``, ``pos_embed``, then each block's
     ``attn_out`` / ``mlp_out`` (``mode`` ``"all"``, ``"attn"`` or ``"mlp"``; ``mlp_input`` adds the
-    layer's own ``attn_out``). The components sum to that residual stream."""
+    layer's own ``attn_out``). The components sum to that residual stream; raises where they would not
+    (post-norm blocks; with ``incl_embeds``, an embedding LayerNorm before block 0)."""
     if mode not in ("all", "attn", "mlp"):
         raise ValueError(f"mode must be 'all', 'attn' or 'mlp', not {mode!r}")
     pos_slice = as_slice(pos_slice)
     layer = _layer(model, layer, model.cfg.n_layers - 1 if mlp_input else None)
+    _linear_resid(model, incl_embeds)
     incl_attn, incl_mlp = mode != "mlp", mode != "attn" and not _attn_only(model)
     names, labels = [], []
     if incl_embeds:
@@ -266,6 +281,7 @@ def get_full_resid_decomposition(cache: Activations, model, layer: int | None = 
     """Heads, then neurons (or MLP outputs), ``embed``, ``pos_embed`` and the summed ``"bias"``, before
     ``layer`` (with ``mlp_input``: before its MLP). The components sum to that residual stream."""
     layer = _layer(model, layer, model.cfg.n_layers - 1 if mlp_input else None)
+    _linear_resid(model, True)
     pos_slice = as_slice(pos_slice)
     proj = project_output_onto
     squeeze = proj is not None and proj.ndim == 1
@@ -315,7 +331,13 @@ def _scale(cache: Activations, model, layer: int, mlp_input: bool, pos_slice: Sl
             raise ValueError("mlp_input=True needs a block's layer (< n_layers): the unembedding has no MLP")
         name = "ln_final.hook_scale"
     else:
-        name = f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"
+        ln = "ln2" if mlp_input else "ln1"
+        if getattr(model.family, ln) is None:
+            raise ValueError(f"{model.cfg.family} blocks have no {ln} ({'the MLP' if mlp_input else 'attention'} "
+                             f"reads {'a shared norm' if mlp_input and model.family.ln1 else 'the raw residual'}), so "
+                             f"there is no {ln} scale to apply at layer {layer}; use apply_ln=False"
+                             + (" or mlp_input=False" if mlp_input and model.family.ln1 else ""))
+        name = f"blocks.{layer}.{ln}.hook_scale"
     _need(cache, [name])
     scale = pos_slice.apply(cache[name], -2)
     return batch_slice.apply(scale, 0) if cache.has_batch_dim else scale

@@ -12,6 +12,11 @@ parameter changes.
 Shapes (TransformerLens): ``W_Q [L, n_heads, d_model, d_head]``, ``b_Q [L, n_heads, d_head]``,
 ``W_O [L, n_heads, d_head, d_model]``, ``W_in/W_gate [L, d_model, d_mlp]``,
 ``W_out [L, d_mlp, d_model]``, ``W_E [d_vocab, d_model]``, ``W_U [d_model, d_vocab]``.
+Scalars the graph applies outside the modules are part of the weights, so the weights are what the
+sites imply: ``W_E[ids] == hook_embed`` (Gemma's ``sqrt(d_model)``, Granite's ``embedding_multiplier``),
+``einsum(z, W_O) + b_O == hook_attn_out`` and ``hook_post @ W_out + b_out == hook_mlp_out`` (Granite's
+``residual_multiplier``), ``ln_final.hook_out @ W_U + b_U == logits`` (Granite's ``logits_scaling``,
+Cohere's ``logit_scale``; before a final soft-cap, which is not linear). Scaled weights are copies.
 GQA: ``W_K``/``W_V``/``b_K``/``b_V`` are repeated to ``n_heads`` (query head ``h`` reads KV
 head ``h // (n_heads // n_kv_heads)``), as in TransformerLens; ``W_K_kv`` etc. keep
 ``n_kv_heads`` heads and match the ``hook_k``/``hook_v`` sites.
@@ -25,6 +30,7 @@ from torch import fx, nn
 from ..tracer.graph import SHAPE_OPS, is_op, module_path
 from ..tracer.passes.split_inputs import probe_feature_index
 from .factored_matrix import FactoredMatrix
+from .scales import embedding_scale, head_input_problem, logit_scale, site_scale
 
 
 def in_out(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,11 +85,21 @@ class WeightLayout:
         mlp_sites = {"gate": "hook_pre", "in": "hook_pre_linear"} if fam.gated else {"in": "hook_pre"}
         for L in range(cfg.n_layers):
             for key, site in mlp_sites.items():
+                if f"blocks.{L}.mlp.{site}" not in sites:  # a mixture of experts: no single input projection
+                    continue
                 node = nodes[sites[f"blocks.{L}.mlp.{site}"].node]
                 proj = _feeding_projection(node)
                 self.mlp_module[f"{L}.{key}"] = module_path(proj)
                 probes[f"{L}.{key}"] = (proj, node, lambda x: x.reshape(1, 1, -1))
         self.mlp = probe_feature_index(base, probes)  # "L.in" -> [d_mlp]
+        # scalars applied outside the modules (see the module docstring); a post-norm's scale is not W_O's
+        self.attn_scale = [site_scale(sites, f"blocks.{L}.hook_attn_out", fam.attn_post_norm)
+                           for L in range(cfg.n_layers)]
+        self.mlp_scale = [site_scale(sites, f"blocks.{L}.hook_mlp_out", fam.mlp_post_norm)
+                          for L in range(cfg.n_layers)]
+        self.embed_scale = site_scale(sites, "hook_embed", None)
+        self.logit_scale = logit_scale(base, model.hf_model)
+        self.head_problem = head_input_problem(base, model.hf_model, sites)
 
     def module(self, path: str) -> nn.Module:
         return self.model.hf_model.get_submodule(path)
@@ -118,14 +134,24 @@ class WeightsMixin:
 
     def _stack(self, name: str, per_layer) -> torch.Tensor:
         """``torch.stack([per_layer(L)])``, cached on the parameters' identities and versions."""
+        return self._cached(name, lambda: torch.stack([per_layer(L) for L in range(self.cfg.n_layers)]))
+
+    def _cached(self, name: str, make) -> torch.Tensor:
+        """``make()``, cached on the parameters' identities and versions."""
         cache = self.__dict__.setdefault("_weight_stacks", {})
         key = tuple((p.data_ptr(), p._version) for p in self.hf_model.parameters())
         hit = cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        out = torch.stack([per_layer(L) for L in range(self.cfg.n_layers)])
+        out = make()
         cache[name] = (key, out)
         return out
+
+    def _scaled(self, name: str, t: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        """``t * scale`` (cached), or ``t`` itself (a view of the HF tensor) when ``scale`` is 1."""
+        if t is None or scale == 1.0:
+            return t
+        return self._cached(name, lambda: t * scale)
 
     def _qkv(self, L: int, w: str) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self._layout()
@@ -136,6 +162,9 @@ class WeightsMixin:
     def _mlp_in(self, L: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self._layout()
         key = f"{L}.{which}"
+        if f"blocks.{L}.mlp.hook_router_logits" in self.sites:
+            raise ValueError(f"block {L}'s MLP is a mixture of experts: it has no single W_in / W_gate / W_out "
+                             "(per-expert weights are the HF experts' parameters)")
         if key not in lay.mlp:
             raise AttributeError(f"this {self.cfg.family} MLP is not gated: it has W_in but no W_gate")
         W, b = in_out(lay.module(lay.mlp_module[key]))
@@ -208,12 +237,22 @@ class WeightsMixin:
 
     def _o(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         W, b = in_out(self._module(self.family.attn_out, L))
-        return W.unflatten(0, (self.cfg.n_heads, self.cfg.d_head)), b
+        s = self._layout().attn_scale[L]
+        W = W.unflatten(0, (self.cfg.n_heads, self.cfg.d_head))
+        return (W, b) if s == 1.0 else (W * s, None if b is None else b * s)
+
+    def _down(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if f"blocks.{L}.mlp.hook_router_logits" in self.sites:
+            raise ValueError(f"block {L}'s MLP is a mixture of experts: it has no single W_out "
+                             "(per-expert weights are the HF experts' parameters)")
+        W, b = in_out(self._module(self.family.mlp_out, L))
+        s = self._layout().mlp_scale[L]
+        return (W, b) if s == 1.0 else (W * s, None if b is None else b * s)
 
     @property
     def W_O(self) -> torch.Tensor:
-        """``[n_layers, n_heads, d_head, d_model]``: ``einsum(z, W_O) + b_O`` is the output projection
-        (``hook_attn_out`` except in models with an attention post-norm, e.g. Gemma 2/3)."""
+        """``[n_layers, n_heads, d_head, d_model]``: ``einsum(z, W_O) + b_O`` is ``hook_attn_out`` (the output
+        projection, times Granite's ``residual_multiplier``; before the post-norm of Gemma 2/3)."""
         return self._stack("W_O", lambda L: self._o(L)[0])
 
     @property
@@ -244,22 +283,26 @@ class WeightsMixin:
 
     @property
     def W_out(self) -> torch.Tensor:
-        """``[n_layers, d_mlp, d_model]``: ``mlp.hook_post @ W_out + b_out`` is the down projection."""
-        return self._stack("W_out", lambda L: in_out(self._module(self.family.mlp_out, L))[0])
+        """``[n_layers, d_mlp, d_model]``: ``mlp.hook_post @ W_out + b_out`` is ``hook_mlp_out`` (the down
+        projection, times Granite's ``residual_multiplier``; before the post-norm of Gemma 2/3)."""
+        return self._stack("W_out", lambda L: self._down(L)[0])
 
     @property
     def b_out(self) -> torch.Tensor:
         """``[n_layers, d_model]``."""
         def one(L):
-            W, b = in_out(self._module(self.family.mlp_out, L))
+            W, b = self._down(L)
             return _or_zeros(b, self.cfg.d_model, W)
         return self._stack("b_out", one)
 
     # -- embeddings -----------------------------------------------------------------------
     @property
     def W_E(self) -> torch.Tensor:
-        """``[d_vocab, d_model]``: the token embedding table (before any embedding scale, e.g. Gemma's)."""
-        return self._module(self.family.embed).weight
+        """``[d_vocab, d_model]``: ``W_E[ids] == hook_embed``, the token embedding table times the model's
+        embedding scale (Gemma's ``sqrt(d_model)``, Granite's ``embedding_multiplier``; TransformerLens folds
+        them in too). A view of the HF table when there is no scale, else a cached copy."""
+        emb = self._module(self.family.embed)
+        return self._scaled("W_E", emb.weight, self._layout().embed_scale * embedding_scale(emb))
 
     @property
     def W_pos(self) -> torch.Tensor:
@@ -272,17 +315,23 @@ class WeightsMixin:
 
     @property
     def W_U(self) -> torch.Tensor:
-        """``[d_model, d_vocab]``: ``ln_final.hook_out @ W_U + b_U`` are the logits (a view)."""
+        """``[d_model, d_vocab]``: ``ln_final.hook_out @ W_U + b_U`` are the logits (before a final soft-cap):
+        the LM head times the graph's logit scale (Granite's ``1 / logits_scaling``, Cohere's ``logit_scale``).
+        A view of the HF weight when there is no scale, else a cached copy."""
         head = self.hf_model.get_output_embeddings()
         if head is None:
             raise AttributeError("this model has no unembedding (an encoder without an LM head)")
-        return head.weight.T
+        if self._layout().head_problem:
+            raise ValueError(f"W_U is undefined: {self._layout().head_problem}, so ln_final.hook_out @ W_U would not "
+                             "be the logits; unembed through the HF model (hf_model.lm_head) instead")
+        return self._scaled("W_U", head.weight.T, self._layout().logit_scale)
 
     @property
     def b_U(self) -> torch.Tensor:
         """``[d_vocab]`` (zeros without a bias)."""
         head = self.hf_model.get_output_embeddings()
-        return _or_zeros(getattr(head, "bias", None), self.cfg.d_vocab, head.weight)
+        b = self._scaled("b_U", getattr(head, "bias", None), self._layout().logit_scale)
+        return _or_zeros(b, self.cfg.d_vocab, head.weight)
 
     def ln_final_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Effective ``(w, b)`` of the final norm: ``ln_final.hook_out == ln_final.hook_normalized * w + b``."""

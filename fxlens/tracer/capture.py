@@ -182,6 +182,7 @@ def _normalise(exported: fx.GraphModule) -> tuple[fx.GraphModule, str]:
             attrs[node.target] = getattr_path(exported, node.target)
         env[node] = graph.node_copy(node, lambda n: env[n])
     _drop_noops(graph)
+    _out_of_place(graph)
     gm = fx.GraphModule(attrs, graph, class_name="CapturedModel")
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -211,6 +212,33 @@ def _drop_noops(graph: fx.Graph) -> None:
         if (n.target in _CASTS and same) or (n.target in _NOOPS and same and not _training_dropout(n)):
             n.replace_all_uses_with(src)
             graph.erase_node(n)
+
+
+def _out_of_place(graph: fx.Graph) -> None:
+    """Rewrite in-place ops on intermediate values (GIT's ``embeddings += positions``, CTRL's ``*= sqrt(d)``)
+    out of place, later readers taking the new value: otherwise a site on the mutated node (``hook_embed``)
+    would hold the value after the mutation in a cache and see its hook's output mutated."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in list(graph.nodes):
+        name = getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
+        if n.op != "call_function" or not name.endswith("_") or name.startswith("_") or not n.args:
+            continue
+        x = n.args[0]
+        pure = getattr(getattr(_aten, name[:-1], None), n.target._overloadname, None)
+        if pure is None or not isinstance(x, fx.Node) or x.op != "call_function" or x.target in _VIEWS:
+            continue  # parameters, inputs and views are left alone (their mutation reaches other tensors)
+        with graph.inserting_before(n):
+            new = graph.call_function(pure, n.args, n.kwargs)
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        for u in [u for u in x.users if u is not new and order.get(u, len(order)) > order[n]]:
+            u.replace_input_with(x, new)
+        graph.erase_node(n)
+
+
+_VIEWS = {_aten.view.default, _aten.slice.Tensor, _aten.select.int, _aten.transpose.int, _aten.permute.default,
+          _aten.expand.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.alias.default,
+          _aten._unsafe_view.default, _aten.as_strided.default, _aten.t.default, _aten.diagonal.default}
 
 
 def _training_dropout(n: fx.Node) -> bool:

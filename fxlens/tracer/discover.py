@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..config import hf_dims
 from .families.base import Family
-from .graph import ADD_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, follow_identity, is_op
+from .graph import ADD_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, follow_identity, is_op, tensor_val
 
 aten = torch.ops.aten
 _NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default}
@@ -51,7 +52,7 @@ def discover(model: nn.Module, gm: fx.GraphModule, n_layers: int) -> Family:
         raise _fail(mt, "the input embedding module")
 
     nodes = ix.nodes(block)
-    core = [n for n in nodes if is_op(n, SDPA_OPS)] or [n for n in nodes if is_op(n, SOFTMAX_OPS)]
+    core = [n for n in nodes if is_op(n, SDPA_OPS)] or [n for n in nodes if _over_positions(n)]
     if not core:
         mixers = sorted({ix.path(n) for n in nodes if is_op(n, _MIXER_OPS)})
         raise DiscoveryError(
@@ -134,6 +135,17 @@ def _gated(ix: ModuleIndex, moe: str | None, down: fx.Node, act: str | None) -> 
             and all(isinstance(a, fx.Node) for a in down_in[0].args))
 
 
+def _d_model(model: nn.Module) -> int:
+    """The residual width, from the text config where the model wraps one (Fuyu)."""
+    return hf_dims(getattr(model.config, "text_config", None) or model.config)[1]
+
+
+def _over_positions(n: fx.Node) -> bool:
+    """A softmax over key positions (attention), not over a fixed size (a MoE router's experts)."""
+    v = tensor_val(n) if is_op(n, SOFTMAX_OPS) else None
+    return v is not None and v.dim() >= 2 and not isinstance(v.shape[-1], int)
+
+
 def _family(model, ix, gm, embed, layers, block, names, mt, *, ln1, ln2, attn, attn_out, act, mlp_out,
             attn_post=None, mlp_post=None, parallel=False, post_norm=False, gated=False, moe=False) -> Family:
     rel = lambda p: p[len(block) + 1:] if p else None  # noqa: E731
@@ -153,7 +165,7 @@ def _parent(path: str) -> str:
 
 def _is_hidden(n: fx.Node, model: nn.Module) -> bool:
     v = n.meta.get("val")
-    return isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == model.config.hidden_size
+    return isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] == _d_model(model)
 
 
 def _through_shapes(n: fx.Node) -> list[fx.Node]:
@@ -200,6 +212,6 @@ def _pos_embed(model: nn.Module, ix: ModuleIndex, embed: str, layers: str, names
     for mod in model.modules():
         path = names.get(id(mod), "")
         if (isinstance(mod, nn.Embedding) and path != embed and not path.startswith(layers + ".")
-                and mod.embedding_dim == model.config.hidden_size and ix.nodes(path)):
+                and mod.embedding_dim == _d_model(model) and ix.nodes(path)):
             return path
     return None

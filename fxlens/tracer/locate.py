@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .chains import is_scalar_scale, is_sum_of, root, scale_of
 from .families import Family
 from .graph import (
     IDENTITY_OPS,
@@ -21,12 +22,13 @@ from .graph import (
     is_tensor,
     tensor_val,
 )
+from .passes.attention import pos_major
 from .passes.norm_scale import normalized_node
 from .sites import Site
 
 aten = torch.ops.aten
-_SCALAR_OPS = {aten.mul.Tensor, aten.div.Tensor}
 _PROJ_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+_MATMULS = {aten.matmul.default, aten.bmm.default}
 
 
 class SiteError(RuntimeError):
@@ -42,17 +44,6 @@ class Shape:
     n_heads: int
     n_kv_heads: int
     d_head: int
-
-
-def _root(n: fx.Node) -> fx.Node:
-    """Strip identity ops (dtype casts that are no-ops, dropout, clones)."""
-    while is_op(n, IDENTITY_OPS):
-        n = n.args[0]
-    return n
-
-
-def _is_scalar_scale(n: fx.Node) -> bool:
-    return is_op(n, _SCALAR_OPS) and not isinstance(n.args[1], fx.Node)
 
 
 class Locator:
@@ -79,12 +70,13 @@ class Locator:
 
     def outputs(self, path: str) -> list[fx.Node]:
         """Module outputs, leaving out inputs that merely pass through (no-op casts)."""
-        return [n for n in self.ix.outputs(path) if self.ix.inside(_root(n), path)]
+        return [n for n in self.ix.outputs(path) if self.ix.inside(root(n), path)]
 
-    def _hidden(self, nodes: list[fx.Node], width: int | None = None) -> fx.Node | None:
+    def _hidden(self, nodes: list[fx.Node], width: int | None = None, unbatched: bool = False) -> fx.Node | None:
         width = width or self.s.d_model
-        hits = [n for n in nodes if self.labels(n) in (("B", "S", width), ("BS", width), (1, "S", width))]
-        roots = {_root(n): n for n in hits}
+        shapes = (("B", "S", width), ("BS", width), (1, "S", width)) + ((("S", width),) if unbatched else ())
+        hits = [n for n in nodes if self.labels(n) in shapes]
+        roots = {root(n): n for n in hits}
         return next(iter(roots.values())) if len(roots) == 1 else None
 
     def add(self, name: str, node: fx.Node | None, module: str, layout: str | None = None, **kw) -> None:
@@ -105,13 +97,20 @@ class Locator:
     def run(self) -> dict[str, Site]:
         f = self.f
         # what the embedding adds to the residual: after scalar scales (Granite's embedding_multiplier)
-        self.add("hook_embed", self._through_scales(self._hidden(self.outputs(f.embed))), f.embed)
+        out = self._hidden(self.outputs(f.embed))
+        embed = self._through_scales(out)  # W_E must include the scale (a scale inside the module is probed there)
+        self.add("hook_embed", embed, f.embed, extra={"scale": scale_of(embed) / scale_of(out)})
         if f.pos_embed:
-            self.add("hook_pos_embed", self._hidden(self.outputs(f.pos_embed)), f.pos_embed)
+            # [pos, d_model] where the model adds it unbatched (Pegasus, Marian, Blenderbot sinusoidal tables)
+            self.add("hook_pos_embed", self._hidden(self.outputs(f.pos_embed), unbatched=True), f.pos_embed)
         for layer in range(self.s.n_layers):
             self.block(layer)
         if f.ln_final:
             self.norm("ln_final", f.ln_final)
+        if "hook_embed" in self.sites:  # decompose_resid needs resid_pre0 == hook_embed (+ hook_pos_embed)
+            parts = [self.node(n) for n in ("hook_embed", "hook_pos_embed") if n in self.sites]
+            pre0 = self.node("blocks.0.hook_resid_pre")
+            self.sites["hook_embed"].extra["sums_to_resid"] = pre0 is not None and is_sum_of(pre0, parts)
         self._check_chain()
         if self.missing:
             raise SiteError(
@@ -148,16 +147,16 @@ class Locator:
             self.norm(f"{p}.ln1", f.block(L, f.ln1))
         if f.ln2 is not None:
             self.norm(f"{p}.ln2", f.block(L, f.ln2))
-        attn_out = self._branch_out(L, f.attn_out, f.attn_post_norm)
+        attn_out, attn_scale = self._branch_out(L, f.attn_out, f.attn_post_norm)
         moe = self._moe(L)
         mlp_rel = moe[len(f.block(L, "")) + 1:] if moe else f.mlp_out
-        mlp_out = self._branch_out(L, mlp_rel, f.mlp_post_norm)
+        mlp_out, mlp_scale = self._branch_out(L, mlp_rel, f.mlp_post_norm)
         # extra["scale"]: the scalar the branch output was multiplied by (W_O / W_out must include it)
-        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out), extra={"scale": _scale_of(attn_out)})
-        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, mlp_rel), extra={"scale": _scale_of(mlp_out)})
+        self.add(f"{p}.hook_attn_out", attn_out, f.block(L, f.attn_out), extra={"scale": attn_scale})
+        self.add(f"{p}.hook_mlp_out", mlp_out, f.block(L, mlp_rel), extra={"scale": mlp_scale})
         if not f.parallel and pre is not None and attn_out is not None:
             mid = next((u for u in attn_out.users if is_op(u, {aten.add.Tensor, operator.add})
-                        and any(_root(a) is _root(pre) for a in u.args if isinstance(a, fx.Node))), None)
+                        and any(root(a) is root(pre) for a in u.args if isinstance(a, fx.Node))), None)
             self.add(f"{p}.hook_resid_mid", mid, path)
         if f.post_norm:  # BERT: the MLP reads ln1's output
             self.add(f"{p}.hook_mlp_in", self.node(f"{p}.ln1.hook_out"), path, extra={"scope": path})
@@ -167,17 +166,19 @@ class Locator:
         self.mlp(L)
         self.attention(L)
 
-    def _branch_out(self, L: int, proj: str, post_norm: str | None) -> fx.Node | None:
+    def _branch_out(self, L: int, proj: str, post_norm: str | None) -> tuple[fx.Node | None, float]:
         """What the branch adds to the residual: the module output, after identity ops and
-        scalar scales (Granite's ``residual_multiplier``)."""
-        return self._through_scales(self._hidden(self.outputs(self.f.block(L, post_norm or proj))))
+        scalar scales (Granite's ``residual_multiplier``), and the product of those scales."""
+        out = self._hidden(self.outputs(self.f.block(L, post_norm or proj)))
+        node = self._through_scales(out)
+        return node, scale_of(node) / scale_of(out)
 
     @staticmethod
     def _through_scales(out: fx.Node | None) -> fx.Node | None:
         """Follow a single chain of identity ops and scalar multiplies (documented multipliers)."""
         while out is not None and len(out.users) == 1:
             (user,) = out.users
-            if not ((is_op(user, IDENTITY_OPS) or _is_scalar_scale(user)) and user.args[0] is out):
+            if not ((is_op(user, IDENTITY_OPS) or is_scalar_scale(user)) and user.args[0] is out):
                 break
             out = user
         return out
@@ -212,8 +213,8 @@ class Locator:
         post = self._hidden(self.ix.inputs(down), width) if width else None
         self.add(f"{p}.hook_post", post, down)
         if f.gated and post is not None:
-            act_outs = {_root(n) for n in self.outputs(act)}
-            others = [a for a in post.args if isinstance(a, fx.Node) and _root(a) not in act_outs]
+            act_outs = {root(n) for n in self.outputs(act)}
+            others = [a for a in post.args if isinstance(a, fx.Node) and root(a) not in act_outs]
             self.add(f"{p}.hook_pre_linear", others[0] if is_op(post, {aten.mul.Tensor}) and len(others) == 1
                      else None, f.block(L, "mlp"))
 
@@ -229,17 +230,16 @@ class Locator:
             q, k, v = core.args[:3]
             for name in ("hook_attn_scores", "hook_pattern", "hook_z"):
                 self.add(f"{p}.{name}", None, path, layout="bhsd" if name == "hook_z" else "same",
-                         derive="attention", extra={"sdpa": core.name})
+                         derive="attention", extra={"sdpa": core.name, "pos_major": pos_major(core)})
         elif len(soft) == 1:
             scores, pattern = soft[0].args[0], follow_identity(soft[0])
-            z = next((u for u in pattern.users if is_op(u, {aten.matmul.default, aten.bmm.default})), None)
-            qk = scores
-            while qk is not None and not is_op(qk, {aten.matmul.default, aten.bmm.default}):
-                qk = qk.args[0] if isinstance(qk.args[0], fx.Node) else None
+            z = next((u for u in pattern.users if is_op(u, _MATMULS)), None)
+            qk = self._qk(scores, path)
             if z is None or qk is None:
                 self.missing.append(f"{p}.* (eager attention in {path} has no q@k / pattern@v matmuls)")
                 return
-            q, k, v = qk.args[0], qk.args[1], z.args[1]
+            q, k = qk.args[1:3] if is_op(qk, {aten.baddbmm.default}) else qk.args[:2]
+            v = z.args[1]
             self.add(f"{p}.hook_attn_scores", scores, path)
             self.add(f"{p}.hook_pattern", pattern, path)
             self.add(f"{p}.hook_z", z, path, layout="bhsd")
@@ -250,7 +250,7 @@ class Locator:
         targets = {}
         for which, arg in (("q", q), ("k", k), ("v", v)):
             n = arg
-            while is_op(n, SHAPE_OPS) or _is_scalar_scale(n):
+            while is_op(n, SHAPE_OPS) or is_scalar_scale(n):
                 n = n.args[0]
             targets[which] = (arg, n)
         for which, heads in (("q", self.s.n_heads), ("k", self.s.n_kv_heads), ("v", self.s.n_kv_heads)):
@@ -272,6 +272,18 @@ class Locator:
                             ("hook_k_input", self.s.n_kv_heads), ("hook_v_input", self.s.n_kv_heads)):
             self.add(f"blocks.{L}.{name}", None, path, derive="split_input", extra={"ln": ln, "heads": heads})
 
+    def _qk(self, scores: fx.Node, path: str) -> fx.Node | None:
+        """The ``q @ k`` matmul the scores come from: along first arguments, else (masks, ALiBi's ``baddbmm``
+        and casts around it) the latest matmul above the scores inside the attention module."""
+        qk = scores
+        while qk is not None and not is_op(qk, _MATMULS):
+            qk = qk.args[0] if qk.args and isinstance(qk.args[0], fx.Node) else None
+        if qk is not None:
+            return qk
+        ops = _MATMULS | {aten.baddbmm.default}
+        qks = [a for a in ancestors(scores) if is_op(a, ops) and self.ix.inside(a, path)]
+        return max(qks, key=self.ix.order.__getitem__) if qks else None
+
     def _is_proj(self, n: fx.Node, attn_path: str) -> bool:
         """A linear-like op in a child module of the attention, or that child's output."""
         mod = self.ix.path(n)
@@ -286,15 +298,23 @@ class Locator:
         return max(cands, key=order.__getitem__) if cands else None
 
     def _first_of_size(self, start: fx.Node, allowed: set, others: set, size: int) -> fx.Node | None:
-        """Earliest node on the shape-op chain from ``start`` holding exactly one of q/k/v."""
-        todo = [start]
+        """Earliest node on the shape-op chain from ``start`` holding exactly one of q/k/v; the earliest in a
+        recognised layout (``[B, S, size]`` or split into heads) where an earlier one has extra unit dims
+        (GPT-BigCode's ``[B, 1, S, size]``)."""
+        todo, first, seen = [start], None, set()
+        d = self.s.d_head
         while todo:
             n = todo.pop(0)
+            if n in seen:
+                continue
+            seen.add(n)
             lab = self.labels(n)
             if lab and n not in others and _per_token(lab) == size:
-                return n
-            todo += [u for u in n.users if u in allowed and (is_op(u, SHAPE_OPS) or _is_scalar_scale(u))]
-        return None
+                if lab in (("B", "S", size), ("BS", size), ("B", "S", size // d, d), ("B", size // d, "S", d)):
+                    return n
+                first = first or n
+            todo += [u for u in n.users if u in allowed and (is_op(u, SHAPE_OPS) or is_scalar_scale(u))]
+        return first
 
     def _head_layout(self, n: fx.Node | None, heads: int) -> str:
         if n is None:
@@ -313,20 +333,9 @@ class Locator:
             return
         for L in range(self.s.n_layers - 1):
             a, b = self.node(f"blocks.{L}.hook_resid_post"), self.node(f"blocks.{L + 1}.hook_resid_pre")
-            if a is not None and b is not None and _root(a) is not _root(b):
+            if a is not None and b is not None and root(a) is not root(b):
                 self.missing.append(f"blocks.{L}.hook_resid_post is not blocks.{L + 1}.hook_resid_pre "
                                     f"({a.name} vs {b.name})")
-
-
-def _scale_of(n: fx.Node | None) -> float:
-    """Product of the scalar multiplies/divides on the identity chain ending at ``n``."""
-    scale = 1.0
-    while n is not None and (is_op(n, IDENTITY_OPS) or _is_scalar_scale(n)):
-        if _is_scalar_scale(n):
-            c = float(n.args[1])
-            scale = scale * c if is_op(n, {aten.mul.Tensor}) else scale / c
-        n = n.args[0]
-    return scale
 
 
 def _per_token(labels: tuple) -> int:
@@ -338,56 +347,6 @@ def _per_token(labels: tuple) -> int:
             return -1
         n *= d
     return n
-
-
-def graph_heads(gm: fx.GraphModule, family: Family, layer: int = 0) -> tuple[int, int, int] | None:
-    """``(n_heads, n_kv_heads, d_head)`` read from the attention op of block ``layer``.
-
-    The config may carry attributes the model ignores (a GPT-2 config with a stray
-    ``num_key_value_heads``); the graph does not. ``d_head`` is the query's last dim;
-    heads are the per-token size over ``d_head`` at the narrowest point of the query / key
-    chains (keys before GQA repetition). ``None`` when block ``layer`` has no single
-    attention op.
-    """
-    ix = ModuleIndex(gm.graph)
-    nodes = ix.nodes(family.block(layer, family.attn))
-    sdpa = [n for n in nodes if is_op(n, SDPA_OPS)]
-    soft = [n for n in nodes if is_op(n, SOFTMAX_OPS)]
-    if len(sdpa) == 1:
-        q, k = sdpa[0].args[:2]
-    elif len(soft) == 1:
-        qk = soft[0].args[0]
-        while qk is not None and not is_op(qk, {aten.matmul.default, aten.bmm.default}):
-            qk = qk.args[0] if qk.args and isinstance(qk.args[0], fx.Node) else None
-        if qk is None:
-            return None
-        q, k = qk.args[:2]
-    else:
-        return None
-    qv = tensor_val(q)
-    if qv is None or qv.dim() < 3 or not isinstance(qv.shape[-1], int):
-        return None
-    d_head = int(qv.shape[-1])
-
-    def heads(n: fx.Node) -> int | None:
-        best = None
-        while True:
-            v = tensor_val(n)
-            if v is not None and v.dim() >= 4:
-                per = [d for d in v.shape[1:] if isinstance(d, int)]
-                count = 1
-                for d in per:
-                    count *= d
-                if count % d_head == 0:
-                    best = count // d_head if best is None else min(best, count // d_head)
-            if not (is_op(n, SHAPE_OPS) or _is_scalar_scale(n)):
-                return best
-            n = n.args[0]
-
-    n_heads, n_kv = heads(q), heads(k)
-    if not n_heads or not n_kv:
-        return None
-    return n_heads, n_kv, d_head
 
 
 def locate(gm: fx.GraphModule, family: Family, shape: Shape, found_by: str = "rule") -> dict[str, Site]:

@@ -22,7 +22,8 @@ class SiteSpec:
 _SPECS = [
     SiteSpec("hook_embed", "token embedding as added to the residual stream (scaled where the model scales it)",
              "[batch, pos, d_model]"),
-    SiteSpec("hook_pos_embed", "learned absolute position embedding", "[batch or 1, pos, d_model]"),
+    SiteSpec("hook_pos_embed", "absolute position embedding (learned or a fixed table module; [pos, d_model] "
+             "where the model adds it unbatched)", "[batch or 1, pos, d_model]"),
     SiteSpec("blocks.{L}.hook_resid_pre", "residual stream entering block L", "[batch, pos, d_model]"),
     SiteSpec("blocks.{L}.ln1.hook_scale", "ln1 scale: sqrt(var + eps) (LayerNorm) or sqrt(mean(x^2) + eps) (RMSNorm)",
              "[batch, pos, 1]"),

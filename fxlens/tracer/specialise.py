@@ -122,7 +122,7 @@ def specialise(base: fx.GraphModule, sites: dict[str, Site], req: Request, n_lay
         if site.derive == "attention":
             key = site.extra["sdpa"]
             if key not in expanded:
-                expanded[key] = expand_sdpa(graph, nodes[key])
+                expanded[key] = expand_sdpa(graph, nodes[key], site.extra.get("pos_major", False))
             value[name] = expanded[key][name.rsplit(".", 1)[1]]
         elif site.derive == "norm_scale":  # hook_scale, and hook_normalized of a fused layer_norm
             key = site.extra["op"]

@@ -52,11 +52,33 @@ def test_granite_embedding_and_residual_multipliers():
     assert m.sites["blocks.0.hook_attn_out"].extra["scale"] == 0.5
 
 
-def test_granite_head_results_need_the_residual_multiplier():
-    """W_O does not include Granite's residual_multiplier yet: the checker must say so, never pass."""
-    hf = _tiny("granite", residual_multiplier=0.5, **_LLAMA)
-    res = check_sites(fxlens.trace(hf, graph_cache=False), tokens(2, 6))
-    assert not res.ok and "heads" in res.failed
+def test_granite_weights_include_its_multipliers():
+    """W_E, W_O, W_out and W_U are what Granite's sites imply: embedding_multiplier, residual_multiplier and
+    logits_scaling are applied outside the modules and must be in the weights (heads summed to 0.14 off)."""
+    hf = _tiny("granite", embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0, **_LLAMA)
+    m = fxlens.trace(hf, graph_cache=False)
+    ids = tokens(2, 6)
+    logits, c = m.run_with_cache(ids)
+    res = check_sites(m, ids)
+    assert res.ok and res.classes["heads"].ok and res.classes["weights"].ok, res.summary()
+    torch.testing.assert_close(m.W_E[ids], c["hook_embed"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.W_E, hf.model.embed_tokens.weight * 3.0)
+    torch.testing.assert_close(c["ln_final.hook_out"] @ m.W_U + m.b_U, logits, atol=1e-5, rtol=0)
+    for L in range(2):
+        z = torch.einsum("bshd,hdm->bsm", c[f"blocks.{L}.attn.hook_z"], m.W_O[L]) + m.b_O[L]
+        torch.testing.assert_close(z, c[f"blocks.{L}.hook_attn_out"], atol=1e-5, rtol=0)
+        out = c[f"blocks.{L}.mlp.hook_post"] @ m.W_out[L] + m.b_out[L]
+        torch.testing.assert_close(out, c[f"blocks.{L}.hook_mlp_out"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.W_O[0], 0.5 * hf.model.layers[0].self_attn.o_proj.weight.T.unflatten(0, (4, 8)))
+
+
+def test_gemma_embedding_scale_is_in_W_E():
+    """Gemma scales its embedding module's output by sqrt(d_model): W_E includes it, as TransformerLens."""
+    m = traced("gemma")
+    ids = tokens(2, 6)
+    _, c = m.run_with_cache(ids, names_filter=["hook_embed"])
+    torch.testing.assert_close(m.W_E[ids], c["hook_embed"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.W_E, m.hf_model.model.embed_tokens.weight * 32 ** 0.5)
 
 
 def test_head_counts_come_from_the_graph_not_stray_config_attributes():
@@ -112,9 +134,6 @@ def test_discovered_family_site_values(family_id):
         m = fxlens.trace(_tiny(model_type, auto=auto, **kw), graph_cache=False)
     assert m.family.name == model_type and all(s.found_by == "discovery" for s in m.sites.values())
     res = check_sites(m, tokens(2, 6))
-    if family_id == "granitemoe":  # W_O lacks residual_multiplier (see the Granite test): heads alone fail
-        assert set(res.failed) <= {"heads"}, res.summary()
-        return
     assert res.ok, res.summary() + f" skipped={res.skipped}"
     if family_id == "glm4_moe":
         assert "blocks.0.mlp.hook_pre" in m.sites and "blocks.1.mlp.hook_router_logits" in m.sites
@@ -131,3 +150,12 @@ def test_state_space_model_is_refused_with_a_reason():
     hf = _tiny("mamba", hidden_size=32, num_hidden_layers=2, state_size=4, expand=2)
     with pytest.raises(ValueError, match="unsupported: state-space layers have no attention sites"):
         fxlens.trace(hf, graph_cache=False)  # refused by fxlens.support before capture
+
+
+def test_a_nan_site_value_fails_its_class():
+    """NaN where the reference has a number is a failure (max() of a NaN error used to read as 0)."""
+    from fxlens.tracer.check import SiteCheck
+
+    res = SiteCheck()
+    res._record("qkv", "blocks.0.attn.hook_q", torch.full((2, 3), float("nan")), torch.ones(2, 3))
+    assert not res.classes["qkv"].ok and "qkv" in res.failed

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from torch import nn
+
 
 @dataclass(frozen=True)
 class Family:
@@ -67,3 +69,22 @@ class Family:
 def llama_like(name: str, *model_types: str, **overrides) -> Family:
     """A Llama-shaped family (pre-RMSNorm, gated MLP, rotary), with overrides."""
     return replace(Family(name=name, model_types=model_types or (name,)), **overrides)
+
+
+def rerooted(family: Family, model: nn.Module) -> Family:
+    """``family`` with its top-level paths moved under the text tower when ``model`` wraps one
+    (Gemma 3's and GOT-OCR2's ``model.language_model.layers`` for a rule written as ``model.layers``)."""
+    names = dict(model.named_modules())
+    if family.layers in names:
+        return family
+    root, _, tail = family.layers.rpartition(".")
+    for path, mod in names.items():
+        prefix = path[: -len(tail) - 1]
+        if not (isinstance(mod, nn.ModuleList) and path.endswith("." + tail) and prefix.startswith(root)):
+            continue
+        move = {k: prefix + v[len(root):] for k in ("embed", "layers", "ln_final", "pos_embed")
+                if (v := getattr(family, k)) is not None and v.startswith(root)}
+        if all(p in names for p in move.values()):
+            return replace(family, **move)
+    return family
+

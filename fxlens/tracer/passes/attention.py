@@ -30,15 +30,18 @@ def attn_pattern(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
 
 
-def attn_z(pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per-head outputs ``[batch, head, pos, d_head]``."""
+def attn_z(pattern: torch.Tensor, v: torch.Tensor, pos_major: bool = False) -> torch.Tensor:
+    """Per-head outputs ``[batch, head, pos, d_head]``; ``pos_major`` lays them out in memory as
+    ``[batch, pos, head, d_head]``, as the fused kernel did (code that ``view``s its transpose needs it)."""
     if v.shape[1] != pattern.shape[1]:
         v = v.repeat_interleave(pattern.shape[1] // v.shape[1], dim=1)
-    return torch.matmul(pattern, v)
+    z = torch.matmul(pattern, v)
+    return z.transpose(1, 2).contiguous().transpose(1, 2) if pos_major else z
 
 
-def expand_sdpa(graph: fx.Graph, sdpa: fx.Node) -> dict[str, fx.Node]:
-    """Replace ``sdpa`` by explicit ops; returns the new scores/pattern/z nodes."""
+def expand_sdpa(graph: fx.Graph, sdpa: fx.Node, pos_major: bool = False) -> dict[str, fx.Node]:
+    """Replace ``sdpa`` by explicit ops; returns the new scores/pattern/z nodes. ``pos_major``: the fused
+    kernel's output was laid out ``[batch, pos, head, d_head]`` (:func:`pos_major`, read at capture)."""
     q, k, v, *rest = sdpa.args
     kw = dict(sdpa.kwargs)
     mask = rest[0] if rest else kw.get("attn_mask")
@@ -48,9 +51,21 @@ def expand_sdpa(graph: fx.Graph, sdpa: fx.Node) -> dict[str, fx.Node]:
     with graph.inserting_before(sdpa):
         scores = graph.call_function(attn_scores, (q, k, mask, kw.get("scale"), bool(is_causal)))
         pattern = graph.call_function(attn_pattern, (scores,))
-        z = graph.call_function(attn_z, (pattern, v))
+        z = graph.call_function(attn_z, (pattern, v, pos_major))
     for n in (scores, pattern, z):
         n.meta["nn_module_stack"] = sdpa.meta.get("nn_module_stack", {})
     sdpa.replace_all_uses_with(z)
     graph.erase_node(sdpa)
     return {"hook_attn_scores": scores, "hook_pattern": pattern, "hook_z": z}
+
+
+def pos_major(sdpa: fx.Node) -> bool:
+    """Whether the captured SDPA output was laid out ``[batch, pos, head, d_head]`` in memory."""
+    val = sdpa.meta.get("val")
+    try:
+        stride = val.stride()
+        # plain bools (symbolic dims give SymBools, which must not reach the site table / graph cache)
+        return bool(val.dim() == 4 and val.shape[1] > 1 and val.shape[2] > 1 and stride[1] < stride[2])
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+

@@ -3,8 +3,9 @@
 HF's forward numbers positions ``0..pos-1`` whatever the mask says, so a left-padded row of
 GPT-2 reads the wrong position embeddings (its real tokens start at position ``n_pad``);
 TransformerLens and HF ``generate`` count positions from the first real token instead. This
-pass rewrites the position-embedding lookup to index ``cumsum(mask) - 1`` (clamped at 0): on
-unpadded and right-padded input that is exactly ``0..pos-1`` for every real token.
+pass shifts the position-embedding lookup's index by ``cumsum(mask) - 1 - arange(pos)`` (clamped at 0):
+on unpadded and right-padded input the shift is 0 for every real token, so the index the model
+computed is kept, offsets included (BioGPT's and mBART's ``+ 2`` rows).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ aten = torch.ops.aten
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """``[batch, pos]`` position of each token counted from the row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def shift_by_padding(index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``index`` (``[batch or 1, pos]``) shifted back by each row's left padding."""
+    return index + (positions_from_mask(mask) - torch.arange(mask.shape[-1], device=mask.device))
 
 
 def mask_positions(gm: fx.GraphModule, pos_embed: str | None) -> bool:
@@ -38,7 +44,7 @@ def mask_positions(gm: fx.GraphModule, pos_embed: str | None) -> bool:
     if mask in ancestors(lookup.args[1], values_only=True):
         return False
     with graph.inserting_before(lookup):
-        pos = graph.call_function(positions_from_mask, (mask,))
+        pos = graph.call_function(shift_by_padding, (lookup.args[1], mask))
     pos.meta = dict(lookup.args[1].meta)
     pos.meta.pop("val", None)
     lookup.args = (lookup.args[0], pos, *lookup.args[2:])
