@@ -1,6 +1,7 @@
 """fxlens: TransformerLens-style hooks, caches and lenses on unmodified HuggingFace models."""
 
 from . import hook_points, utils
+from ._version import __version__ as __version__
 from .cache import ActivationCache, act_name
 from .config import ModelConfig
 from .hook_points import HookedRootModule
@@ -18,4 +19,3 @@ __all__ = [
     "HookedTransformer", "ModelConfig", "SiteError", "act_name", "evals", "from_pretrained", "hook_points",
     "offline_model_path", "patching", "trace", "utils",
 ]
-__version__ = "0.1.0"

@@ -65,7 +65,7 @@ class _Block:
         mlp = ("W_in", "b_in", "W_out", "b_out") + (("W_gate", "b_gate") if fam.gated else ())
         self.attn = _Slice(model, L, attn, f"blocks[{L}].attn")
         self.mlp = _Slice(model, L, mlp, f"blocks[{L}].mlp")
-        self.ln1 = _Norm(model, fam.block(L, fam.ln1), f"blocks[{L}].ln1")
+        self.ln1 = _Norm(model, fam.block(L, fam.ln1) if fam.ln1 else None, f"blocks[{L}].ln1")
         self.ln2 = _Norm(model, fam.block(L, fam.ln2) if fam.ln2 else None, f"blocks[{L}].ln2")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..config import hf_dims
+from .dims import hf_dims
 from .families.base import Family
 from .graph import ADD_OPS, SDPA_OPS, SHAPE_OPS, SOFTMAX_OPS, ModuleIndex, follow_identity, is_op, tensor_val
 

@@ -72,3 +72,15 @@ def test_inplace_edit_of_a_derived_weight_raises_and_real_ones_reach_the_model()
         p["unembed.W_U"][:, 5] += 1.0  # a view of lm_head.weight (tied to wte): reaches the model
     torch.testing.assert_close(m(ids), m.hf_model(input_ids=ids).logits)
     assert not torch.equal(before, m(ids))
+
+
+def test_a_block_without_ln1_has_no_ln1_weights():
+    """A family rule with ``ln1=None`` (no pre-attention norm): ``blocks[L].ln1`` is absent, not the block."""
+    import dataclasses
+
+    m = fxlens.trace(tiny_hf("llama"))
+    m.family = dataclasses.replace(m.family, ln1=None)
+    assert not m.blocks[0].ln1.exists
+    with pytest.raises(AttributeError, match="this model has no blocks\\[0\\].ln1"):
+        m.blocks[0].ln1.w
+    assert "blocks.0.ln1.w" not in dict(m.named_parameters())

@@ -14,9 +14,9 @@ import torch
 import transformers
 
 import fxlens
+from fxlens.check import check_sites
 from fxlens.explorer import circuits
 from fxlens.interventions.analysis import apply_ln_to_stack, decompose_resid, get_full_resid_decomposition
-from fxlens.tracer.check import check_sites
 from tests.conftest import tokens, traced
 
 _LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -35,7 +35,7 @@ def test_mla_tiny_config_gives_every_head_its_keys():
 
 
 def test_a_row_is_green_only_with_correct_site_values(monkeypatch):
-    import fxlens.tracer.check as check
+    import fxlens.check as check
 
     real = check.check_sites
 

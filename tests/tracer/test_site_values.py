@@ -154,7 +154,7 @@ def test_state_space_model_is_refused_with_a_reason():
 
 def test_a_nan_site_value_fails_its_class():
     """NaN where the reference has a number is a failure (max() of a NaN error used to read as 0)."""
-    from fxlens.tracer.check import SiteCheck
+    from fxlens.check import SiteCheck
 
     res = SiteCheck()
     res._record("qkv", "blocks.0.attn.hook_q", torch.full((2, 3), float("nan")), torch.ones(2, 3))
