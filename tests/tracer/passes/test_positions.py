@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import fx
 
 from fxlens.tracer.capture import capture
 from fxlens.tracer.families import RULES
-from fxlens.tracer.passes.positions import mask_positions, positions_from_mask
+from fxlens.tracer.passes.positions import mask_positions, positions_from_mask, shift_by_padding
 from tests.conftest import tiny_hf, tokens
 from tests.tracer.passes.graphs import count, first
 
 aten = torch.ops.aten
-
-
-def _live_without(graph: fx.Graph, lookup: fx.Node) -> set[fx.Node]:
-    """Nodes the output still needs once ``lookup`` no longer reads its position argument."""
-    seen, todo = set(), [next(n for n in graph.nodes if n.op == "output")]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(a for a in n.all_input_nodes if not (n is lookup and a is lookup.args[1]))
-    return seen
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
@@ -34,15 +22,15 @@ def test_position_lookup_reads_the_mask(family):
     pos_embed = RULES[hf.config.model_type].pos_embed
     lookup = next(n for n in gm.graph.nodes if n.target is aten.embedding.default and n.meta.get("nn_module_stack")
                   and list(n.meta["nn_module_stack"].values())[-1][0] == pos_embed)
-    live = _live_without(gm.graph, lookup)
-    dead = {n.name for n in gm.graph.nodes if n not in live and n.op != "placeholder" and not n.is_impure()}
+    index = lookup.args[1]
     before = {n.name for n in gm.graph.nodes}
-    assert count(gm.graph, positions_from_mask) == 0
+    assert count(gm.graph, shift_by_padding) == 0
     assert mask_positions(gm, pos_embed)
     after = {n.name for n in gm.graph.nodes}
-    (new,) = after - before
-    assert before - after == dead and len(after) == len(before) + 1 - len(dead)
-    assert lookup.args[1].name == new and lookup.args[1].target is positions_from_mask
+    (new,) = after - before  # one node added, none removed: the model's own index (and offsets) is kept
+    assert before <= after
+    assert lookup.args[1].name == new and lookup.args[1].target is shift_by_padding
+    assert lookup.args[1].args[0] is index and lookup.args[1].args[1].name == "attention_mask"
     assert not mask_positions(gm, pos_embed) and {n.name for n in gm.graph.nodes} == after  # already from the mask
 
     ids = tokens(2, 7)
