@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 
 import torch
 from torch import fx, nn
@@ -21,6 +21,7 @@ from torch import fx, nn
 from .tracer.graph import getattr_path
 
 _SCALARS = (int, float, bool, str, type(None))
+_layout = attrgetter("shape", "dtype", "device")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ class Snapshot:
 
     def _read(self) -> tuple:
         return ([type(m) for m in self._modules],
-                [(k, id(v)) for d in self._dicts for k, v in d.items()],
-                [(t.shape, t.dtype, t.device) for t in self._tensors],
+                list(map(len, self._dicts)), list(chain.from_iterable(self._dicts)),
+                list(map(id, chain.from_iterable(map(dict.values, self._dicts)))),
+                list(map(_layout, self._tensors)),
                 [get(d) for d, get in self._getters])
 
     def unchanged(self) -> bool:

@@ -50,18 +50,26 @@ class HookAPIMixin:
         for n in names:
             if not isinstance(n, str):
                 raise TypeError(f"site names must be strings, not {type(n).__name__} ({n!r})")
-            if n not in self.all_hook_names_set:
+            if n not in self.site_order:
                 raise self._unknown(n)
-        order = {n: i for i, n in enumerate(self.all_hook_names)}
-        return sorted(set(names), key=order.__getitem__)
+        return sorted(set(names), key=self.site_order.__getitem__)
 
     def extra_hook_names(self, listed: bool = False) -> list[str]:
         """Hookable names that are not graph sites (``listed``: those a predicate may match)."""
         return []
 
     @property
+    def site_order(self) -> dict[str, int]:
+        """Hookable name -> its index in ``all_hook_names`` (rebuilt when that list changes)."""
+        names, cached = self.all_hook_names, getattr(self, "_site_order_memo", None)
+        if cached is None or cached[0] is not names or len(cached[1]) != len(names):
+            cached = (names, {n: i for i, n in enumerate(names)})
+            object.__setattr__(self, "_site_order_memo", cached)
+        return cached[1]
+
+    @property
     def all_hook_names_set(self) -> frozenset[str]:
-        return frozenset(self.all_hook_names)
+        return frozenset(self.site_order)
 
     def hook_entries(self, hooks: HookList | None, dir: str, permanent: bool = False) -> list[Hook]:
         """Checked :class:`Hook` entries for ``[(name or predicate, fn)]`` (raises before registering)."""
