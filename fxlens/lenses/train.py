@@ -239,6 +239,7 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, chunks: TokenChunks) -> dict:
     return state
 
 
+@torch.enable_grad()
 def train_lens(model, chunks: TokenChunks, config: TrainConfig | None = None, *, lens: TunedLens | None = None,
                out: str | Path | None = None, resume: bool = False,
                callback: Callable[[int, TrainResult], None] | None = None) -> TrainResult:

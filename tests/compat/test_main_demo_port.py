@@ -27,11 +27,12 @@ PORT = Path(__file__).with_name("main_demo_port.py")
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
-    """One thread unless told (``FXLENS_THREADS``): on the shared 2-core boxes two threads thrash (5-20x slower)."""
-    threads = torch.get_num_threads()
+    """Restores threads and grad mode. One thread unless told (``FXLENS_THREADS``): on the shared 2-core boxes two threads thrash (5-20x slower)."""
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     torch.set_num_threads(int(os.environ.get("FXLENS_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)  # the notebook switches gradients off globally, as TL's demo does
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,18 @@ def test_resume_refuses_other_precision_and_reads_older_checkpoints(tmp_path):
     del state["config"]["bf16_unembed"]  # written before the field existed
     torch.save(state, tmp_path / "checkpoint.pt")
     assert train_lens(m, _chunks(), TrainConfig(**cfg), out=tmp_path, resume=True).steps_run == 0
+
+
+def test_training_after_grad_was_switched_off_globally():
+    """A ported TL notebook starts with ``torch.set_grad_enabled(False)``: training still trains (and restores it)."""
+    m = traced("llama")
+    cfg = dict(steps=3, batch_size=4, micro_batch=2, progress=False, unembed_rows=7)
+    want = _translators(train_lens(m, _chunks(), TrainConfig(**cfg)).lens)
+    torch.set_grad_enabled(False)
+    try:
+        got = _translators(train_lens(m, _chunks(), TrainConfig(**cfg)).lens)
+        assert not torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
