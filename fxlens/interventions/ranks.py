@@ -131,6 +131,8 @@ class Share:
             raise RuntimeError("patch_sweep: the ranks disagree on the sweep (cells, chunks, inputs or the corrupted "
                                "run's metric): call it with the same model, inputs and arguments on every rank "
                                "(models built from random weights need the same seed)")
+        log.info("patch_sweep: rank %d of %d computes %d of %d chunks", group.rank, world, len(self.mine()),
+                 len(chunks))
         busy = len(set(self.owner))
         if busy < world and group.rank == 0:
             log.warning("patch_sweep: %d chunks for %d ranks, %d ranks idle: lower batch_size to give every rank "

@@ -293,9 +293,6 @@ def run_cells(model, ids: torch.Tensor, mask: torch.Tensor, cells: list[Cell], p
     n = model.cfg.n_layers
     costs = [float(sum(n + 1 - cells[i].join for i in c)) if segments is not None else float(len(c)) for c in chunks]
     share = Share(group, len(cells), chunks, costs, [*key, ran, b])
-    if group is not None:
-        log.info("patch_sweep: rank %d of %d computes %d of %d chunks", group.rank, group.world, len(share.mine()),
-                 len(chunks))
 
     def chunk_values(chunk: list[int]) -> None:
         variants = [cells[i] for i in chunk]
