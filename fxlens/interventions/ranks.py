@@ -120,6 +120,9 @@ class Share:
     def __init__(self, group: Group | None, n_cells: int, chunks: list[list[int]], costs: Sequence[float],
                  key: Sequence[object]):
         self.group, self.n_cells, self.chunks = group, n_cells, chunks
+        flat = [i for c in chunks for i in c]
+        if len(set(flat)) != len(flat) or not all(0 <= i < n_cells for i in flat) or len(costs) != len(chunks):
+            raise ValueError("the chunks of a sweep must be disjoint cell indices, one cost each")
         world = group.world if group is not None else 1
         self.owner = owners(costs, world)
         if group is None:
@@ -165,7 +168,7 @@ class Share:
                 raise error
             return results
         g = self.group
-        flat = torch.cat([results.to(torch.float32), torch.tensor([1.0 if error is not None else 0.0])])
+        flat = torch.cat([results, torch.tensor([1.0 if error is not None else 0.0], dtype=results.dtype)])
         seen = torch.stack(_all_gather(g, flat.to(g.device))).cpu()
         failed = [r for r in range(g.world) if seen[r, -1] != 0]
         if error is not None:

@@ -33,6 +33,13 @@ def test_owners_partition_the_chunks(n, world):
         R.owners(costs, 0)
 
 
+def test_overlapping_chunks_are_refused():
+    with pytest.raises(ValueError, match="disjoint"):
+        R.Share(None, 4, [[0, 1], [1, 2]], [1.0, 1.0], [])
+    with pytest.raises(ValueError, match="disjoint"):
+        R.Share(None, 2, [[0, 2]], [1.0], [])
+
+
 def test_ranks_argument_is_checked(monkeypatch):
     cpu = torch.device("cpu")
     assert R.resolve(None, cpu) is None
