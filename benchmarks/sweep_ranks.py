@@ -1,6 +1,6 @@
 """A patching sweep on 1 process vs 2 torchrun ranks: SmolLM2-135M, IOI pair, resid_pre x position.
 
-    .venv/bin/python benchmarks/sweep_ranks.py [--batch-size 105] [--repeats 3] [--ranks 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/sweep_ranks.py [--batch-size 16] [--repeats 3] [--ranks 2]
 
 Times the sweep (model loaded, segments built and warmed up first) in this process with 1 and with
 ``--ranks`` torch threads, then under ``torchrun --standalone --nproc_per_node=RANKS`` with 1 thread
@@ -67,7 +67,7 @@ def rank_main(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch-size", type=int, default=105, help="rows per forward (4 chunks of the 420-cell sweep)")
+    ap.add_argument("--batch-size", type=int, default=16, help="rows per forward (10 chunks of the 146 computed cells)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out", default=None, help="(ranks) where rank 0 saves its times and result")
