@@ -6,7 +6,8 @@ Every function of ``transformer_lens.patching`` is here with its signature and r
 by position or across positions, and the ``*_every`` stacks). They run on the wavefront / batched
 schedules of :mod:`fxlens.interventions.sweep` (``schedule=`` etc. pass through as keywords) instead
 of one forward per cell, with the same numbers; cells where clean and corrupted activations are equal
-are answered exactly without compute. GQA: key/value variants have ``n_key_value_heads`` heads.
+are answered exactly without compute. Under ``torchrun`` they split their cells over the ranks
+(``ranks=``, :mod:`fxlens.interventions.ranks`). GQA: key/value variants have ``n_key_value_heads`` heads.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
 
     TL's own setters become region masks (batched, equal cells skipped); any other ``patch_setter``
     runs as given on each variant's rows. ``index_df`` (a pandas DataFrame) gives a flat result.
-    ``kw``: ``schedule``, ``batch_size``, ``logits_at``, ``attention_mask``, ``progress``, ``compile``.
+    ``kw``: ``schedule``, ``batch_size``, ``logits_at``, ``attention_mask``, ``progress``, ``compile``, ``ranks``.
     """
     ids = torch.as_tensor(corrupted_tokens, device=model.device)
     ids = ids[None] if ids.dim() == 1 else ids
@@ -132,7 +133,8 @@ def generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metr
                     clean_cache if patch_setter in _REGION_SETTERS else None, schedule=schedule,
                     batch_size=kw.get("batch_size", 512), keep=_logit_positions(ids.shape[1], kw.get("logits_at"))
                     .to(ids.device), progress=kw.get("progress", True),
-                    compile=_check_compile(model, kw.get("compile"), schedule)).reshape(shape)
+                    compile=_check_compile(model, kw.get("compile"), schedule),
+                    ranks=kw.get("ranks", "auto")).reshape(shape)
     if return_index_df:
         import pandas as pd
 

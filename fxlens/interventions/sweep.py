@@ -30,12 +30,12 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..cache import ActivationCache
 from ..head_results import is_result
 from ..tracer.sites import layer_of
 from .patches import Patch, ReplacePatch, region_mask, site_dims
+from .ranks import Share, float_key, key_of, resolve
 from .wavefront import Cell, GroupHooks, Segments, apply_cell, run_wavefront
 
 log = logging.getLogger("fxlens.patching")
@@ -131,7 +131,7 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
                 logits_at: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
                 clean_attention_mask: torch.Tensor | None = None,
                 progress: bool = True, max_memory: int | str | None = None,
-                compile: bool | None = None) -> torch.Tensor:
+                compile: bool | None = None, ranks: object = "auto") -> torch.Tensor:
     """Patch each cell of ``sites`` (x position if ``by_pos``, x head if ``by_head``) into the corrupted run.
 
     Every schedule honours the hooks active on the model (``add_hook``, ``with model.patch``,
@@ -163,6 +163,10 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
         compile: ``torch.compile`` the wavefront's block segments (default: ``model.compile``). The
             batched and loop schedules run the model's own graphs, compiled when the model was
             loaded with ``compile=True``; asking them for ``compile=True`` otherwise raises.
+        ranks: ``"auto"`` (default) splits the cells over the ranks of a ``torch.distributed`` run
+            (``torchrun``; the group is initialised from its variables if none is) and every rank returns
+            the full result, equal to the single-process one; a ``ProcessGroup`` splits over that group;
+            ``None`` computes every cell here (:mod:`fxlens.interventions.ranks`).
 
     Returns:
         ``[len(sites), (len(positions)), (n_heads)]`` metric values.
@@ -189,7 +193,7 @@ def patch_sweep(model, corrupted_tokens: torch.Tensor, clean_cache: ActivationCa
     cells, shape = _cells(model, dict(corrupt), sites, by_pos, by_head, patch, clean_cache, positions)
     results = run_cells(model, ids, mask, cells, patching_metric, corrupt_logits, corrupt,
                         None if patch is not None else clean_cache, schedule=schedule, batch_size=batch_size,
-                        keep=keep, progress=progress, compile=compile)
+                        keep=keep, progress=progress, compile=compile, ranks=ranks)
     return results.reshape(shape)
 
 
@@ -222,14 +226,18 @@ def corrupted_run(model, ids: torch.Tensor, mask: torch.Tensor, sites: Sequence[
 def run_cells(model, ids: torch.Tensor, mask: torch.Tensor, cells: list[Cell], patching_metric: Metric,
               corrupt_logits: torch.Tensor, corrupt: ActivationCache, clean_cache: ActivationCache | None, *,
               schedule: str = "auto", batch_size: int = 512, keep: torch.Tensor | None = None,
-              progress: bool = True, compile: bool = False) -> torch.Tensor:
+              progress: bool = True, compile: bool = False, ranks: object = "auto") -> torch.Tensor:
     """The metric of every cell (flat ``[len(cells)]``) on the chosen schedule.
 
     With ``clean_cache``, cells whose clean and corrupted values agree are answered exactly with the
-    corrupted metric, without compute (their op must be "write the clean value").
+    corrupted metric, without compute (their op must be "write the clean value"). ``ranks``: see
+    :func:`patch_sweep`; each rank computes whole chunks (forwards) of the schedule.
     """
     keep = torch.arange(ids.shape[1], device=ids.device) if keep is None else keep
     base_value = _metric_value(patching_metric, corrupt_logits[:, keep])
+    group = resolve(ranks, ids.device)
+    progress = progress and (group is None or group.rank == 0)
+    key = [*key_of(ids, mask, keep), float_key(base_value), [c.site for c in cells], schedule]
     results = torch.full((len(cells),), float("nan"))
     user: dict[str, list] = {}
     for site, fn in model.active_hooks("fwd"):
@@ -241,12 +249,15 @@ def run_cells(model, ids: torch.Tensor, mask: torch.Tensor, cells: list[Cell], p
 
     if schedule == "loop":
         log.info("patch_sweep: schedule=loop, %d cells", len(cells))
-        with torch.no_grad():
-            for i, cell in enumerate(tqdm(cells, disable=not progress, desc="patching (loop)")):
-                logits = model.run_with_hooks(ids, fwd_hooks=[(cell.site, lambda x, hook, c=cell: apply_cell(c, x))],
+        share = Share(group, len(cells), [[i] for i in range(len(cells))], [1.0] * len(cells), key)
+
+        def one(chunk: list[int]) -> None:
+            cell = cells[chunk[0]]
+            with torch.no_grad():
+                logits = model.run_with_hooks(ids, fwd_hooks=[(cell.site, lambda x, hook: apply_cell(cell, x))],
                                               attention_mask=mask)
-                results[i] = _metric_value(patching_metric, logits[:, keep])
-        return results
+            results[chunk[0]] = _metric_value(patching_metric, logits[:, keep])
+        return share.compute(results, one, progress=progress, desc="patching (loop)")
 
     todo = []
     for i, cell in enumerate(cells):
@@ -279,15 +290,19 @@ def run_cells(model, ids: torch.Tensor, mask: torch.Tensor, cells: list[Cell], p
     if segments is not None:
         todo.sort(key=lambda i: cells[i].join)
     chunks = [todo[j:j + per_chunk] for j in range(0, len(todo), per_chunk)]
-    for chunk in tqdm(chunks, disable=not progress, desc=f"patching ({ran})"):
-        group = [cells[i] for i in chunk]
+    n = model.cfg.n_layers
+    costs = [float(sum(n + 1 - cells[i].join for i in c)) if segments is not None else float(len(c)) for c in chunks]
+    share = Share(group, len(cells), chunks, costs, [*key, ran, b])
+
+    def chunk_values(chunk: list[int]) -> None:
+        variants = [cells[i] for i in chunk]
         if segments is not None:
-            logits = run_wavefront(model, segments, group, ids, mask, corrupt, keep, user)
+            logits = run_wavefront(model, segments, variants, ids, mask, corrupt, keep, user)
         else:
-            logits = _run_batched(model, group, ids, mask, user)[:, keep]
+            logits = _run_batched(model, variants, ids, mask, user)[:, keep]
         for j, i in enumerate(chunk):
             results[i] = _metric_value(patching_metric, logits[j * b:(j + 1) * b])
-    return results
+    return share.compute(results, chunk_values, progress=progress, desc=f"patching ({ran})")
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
