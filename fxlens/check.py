@@ -221,6 +221,7 @@ def check_sites(model, ids: torch.Tensor | None = None) -> SiteCheck:
     _check_modules(res, model, cache, rec, config)
     _check_identities(res, model, cache, config)
     _check_pattern(res, model, cache, ids, mask, rec)
+    _check_attention_inputs(res, model, cache, ids, mask)
     _check_weights(res, model, cache, ids, logits, config)
     return res
 
@@ -290,7 +291,7 @@ def _check_modules(res: SiteCheck, model, cache, rec: _Recorder, config) -> None
                 res._record(leaf[5:], name, got, ref * rmul)
         elif leaf in ("hook_pre", "hook_post") and inp is not None:
             res._record("mlp_act", name, got, inp)
-        elif leaf in ("hook_q", "hook_k", "hook_v"):
+        elif leaf in ("hook_q", "hook_k", "hook_v") and not site.extra.get("attention_input"):
             _check_qkv(res, name, site, got, _first(rec.outputs.get(site.extra.get("proj_module"))), model)
 
 
@@ -404,3 +405,47 @@ def _check_pattern(res: SiteCheck, model, cache, ids, mask, rec_sdpa: _Recorder)
         if name in cache and isinstance(w, torch.Tensor):
             res._record("pattern", name, cache[name], w)
     res._skip("pattern", "eager attention returned no weights")
+
+
+def _check_attention_inputs(res: SiteCheck, model, cache, ids, mask) -> None:
+    """``hook_q/k/v`` placed at the attention inputs (multi-head latent attention) against the query, key and
+    value HF passes to its attention function, recorded by a registered ``AttentionInterface`` entry that
+    runs SDPA."""
+    hf, fam, n = model.hf_model, model.family, model.cfg.n_layers
+    names = [f"blocks.{L}.attn.hook_{w}" for L in range(n) for w in "qkv"]
+    names = [x for x in names if model.sites.get(x) and model.sites[x].extra.get("attention_input")]
+    if not names:
+        return
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layer = {id(hf.get_submodule(fam.block(L, fam.attn))): L for L in range(n)}
+    seen: dict[int, tuple] = {}
+
+    def record(module, query, key, value, *args, **kwargs):
+        if id(module) in layer:
+            seen[layer[id(module)]] = (query.detach().clone(), key.detach().clone(), value.detach().clone())
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("fxlens_check", record)
+    impl = getattr(hf.config, "_attn_implementation", None)
+    try:
+        hf.set_attn_implementation("fxlens_check")
+        with torch.no_grad():
+            hf(input_ids=ids, attention_mask=mask)
+    except Exception as e:  # noqa: BLE001 - no reference rather than a wrong one
+        res._skip("qkv", f"attention inputs not recorded: {type(e).__name__}: {e}"[:160])
+        return
+    finally:
+        if impl:
+            hf.set_attn_implementation(impl)
+    for name in names:
+        L, w = int(name.split(".")[1]), name[-1]
+        if L not in seen:
+            res._skip("qkv", f"the attention function of block {L} was not called")
+            continue
+        ref = seen[L]["qkv".index(w)].transpose(1, 2)  # HF passes [batch, heads, pos, d]
+        got = cache[name]
+        if ref.shape != got.shape and ref.shape[2] != got.shape[2]:  # repeated KV heads: compare one copy each
+            ref = ref[:, :, :: ref.shape[2] // got.shape[2]]
+        res._record("qkv", name, got, ref)

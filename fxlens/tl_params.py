@@ -59,7 +59,8 @@ def tl_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
 
     Norm weights are listed unless the norms are folded (``normalization_type`` ending in ``Pre``,
     TL's ``LNPre`` / ``RMSPre`` have none); under GQA the key/value weights are TL's ``_W_K`` / ``_W_V``
-    ``[n_kv_heads, d_model, d_head]``.
+    ``[n_kv_heads, d_model, d_head]``. Multi-head latent attention (DeepSeek MLA) has no ``W_Q`` / ``W_K`` /
+    ``W_V`` (no single matrix per head: ``model.W_K`` raises and says why), so only ``W_O`` / ``b_O`` are listed.
     """
     cfg, fam = model.cfg, model.family
     norms = bool(cfg.normalization_type) and not cfg.normalization_type.endswith("Pre")
@@ -78,7 +79,9 @@ def tl_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
                 norm = getattr(block, ln)
                 if norm.exists:
                     yield from _norm_params(f"blocks.{L}.{ln}", norm, cfg)
-        for n in ("W_Q", "W_O", "b_Q", "b_O", f"{kv}W_K", f"{kv}W_V", f"{kv}b_K", f"{kv}b_V"):
+        latent = model.sites[f"blocks.{L}.attn.hook_k"].extra.get("latent")
+        for n in ("W_O", "b_O") if latent else ("W_Q", "W_O", "b_Q", "b_O", f"{kv}W_K", f"{kv}W_V", f"{kv}b_K",
+                                                 f"{kv}b_V"):
             yield f"blocks.{L}.attn.{n}", _derived(f"blocks.{L}.attn.{n}", stacks[n][L])
         for n in ("W_in", "W_gate", "b_in", "W_out", "b_out"):
             if n in stacks:
