@@ -409,35 +409,40 @@ def _check_pattern(res: SiteCheck, model, cache, ids, mask, rec_sdpa: _Recorder)
 
 def _check_attention_inputs(res: SiteCheck, model, cache, ids, mask) -> None:
     """``hook_q/k/v`` placed at the attention inputs (multi-head latent attention) against the query, key and
-    value HF passes to its attention function, recorded by a registered ``AttentionInterface`` entry that
-    runs SDPA."""
+    value HF passes to its attention function (SDPA, wrapped for one forward to record them)."""
     hf, fam, n = model.hf_model, model.family, model.cfg.n_layers
     names = [f"blocks.{L}.attn.hook_{w}" for L in range(n) for w in "qkv"]
     names = [x for x in names if model.sites.get(x) and model.sites[x].extra.get("attention_input")]
     if not names:
         return
-    from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     layer = {id(hf.get_submodule(fam.block(L, fam.attn))): L for L in range(n)}
     seen: dict[int, tuple] = {}
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
 
     def record(module, query, key, value, *args, **kwargs):
         if id(module) in layer:
             seen[layer[id(module)]] = (query.detach().clone(), key.detach().clone(), value.detach().clone())
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, *args, **kwargs)
+        return sdpa(module, query, key, value, *args, **kwargs)
 
-    AttentionInterface.register("fxlens_check", record)
     impl = getattr(hf.config, "_attn_implementation", None)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = record  # the model's own masks and code paths, SDPA's inputs recorded
     try:
-        hf.set_attn_implementation("fxlens_check")
+        if impl != "sdpa":
+            hf.set_attn_implementation("sdpa")
         with torch.no_grad():
             hf(input_ids=ids, attention_mask=mask)
     except Exception as e:  # noqa: BLE001 - no reference rather than a wrong one
         res._skip("qkv", f"attention inputs not recorded: {type(e).__name__}: {e}"[:160])
         return
     finally:
-        if impl:
+        if local is None:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = local
+        if impl and impl != "sdpa":
             hf.set_attn_implementation(impl)
     for name in names:
         L, w = int(name.split(".")[1]), name[-1]
