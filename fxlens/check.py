@@ -10,8 +10,9 @@ weights reproduce ``hook_embed`` and the logits (``W_E[ids]``, ``ln_final.hook_o
 
 Documented scalings are part of the reference: Granite multiplies the embedding by
 ``embedding_multiplier`` and every branch output by ``residual_multiplier`` before the
-residual add, CTRL its embedding by ``sqrt(n_embd)`` (Gemma's ``sqrt(d_model)`` is inside its
-embedding module's output). Hooks record copies, so later in-place edits do not reach them.
+residual add (MiniCPM by ``scale_depth / sqrt(num_hidden_layers)``), CTRL its embedding by
+``sqrt(n_embd)`` (Gemma's ``sqrt(d_model)`` is inside its embedding module's output). Hooks record
+copies, so later in-place edits do not reach them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .check_latent import check_attention_inputs
 from .interventions.analysis import decompose_resid, head_results
 
 TOL = 1e-4  # relative to max(1, |reference|): fp32 tiny models agree to ~1e-6; a wrong tensor is off by ~1e-1
@@ -158,6 +160,14 @@ def _multiplier(config, name: str) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 1.0
 
 
+def _residual_scale(config) -> float:
+    """Granite's ``residual_multiplier``; MiniCPM's ``scale_depth / sqrt(num_hidden_layers)`` on every branch."""
+    if isinstance(getattr(config, "scale_depth", None), (int, float)) and getattr(config, "model_type", "") in (
+            "minicpm", "minicpm3"):
+        return float(config.scale_depth) / math.sqrt(config.num_hidden_layers)
+    return _multiplier(config, "residual_multiplier")
+
+
 def _embed_scale(config) -> float:
     """Granite's ``embedding_multiplier``, CTRL's ``sqrt(n_embd)`` (in its forward, ``inputs_embeds *= ...``);
     Gemma's ``sqrt(d_model)`` sits inside its embedding module."""
@@ -221,7 +231,7 @@ def check_sites(model, ids: torch.Tensor | None = None) -> SiteCheck:
     _check_modules(res, model, cache, rec, config)
     _check_identities(res, model, cache, config)
     _check_pattern(res, model, cache, ids, mask, rec)
-    _check_attention_inputs(res, model, cache, ids, mask)
+    check_attention_inputs(res, model, cache, ids, mask)
     _check_weights(res, model, cache, ids, logits, config)
     return res
 
@@ -259,7 +269,7 @@ def _check_resid(res: SiteCheck, model, cache, hs, rec: _Recorder) -> None:
 
 def _check_modules(res: SiteCheck, model, cache, rec: _Recorder, config) -> None:
     fam, sites, hf = model.family, model.sites, model.hf_model
-    rmul = _multiplier(config, "residual_multiplier")
+    rmul = _residual_scale(config)
     for name, site in sites.items():
         if name not in cache:
             continue
@@ -406,51 +416,3 @@ def _check_pattern(res: SiteCheck, model, cache, ids, mask, rec_sdpa: _Recorder)
             res._record("pattern", name, cache[name], w)
     res._skip("pattern", "eager attention returned no weights")
 
-
-def _check_attention_inputs(res: SiteCheck, model, cache, ids, mask) -> None:
-    """``hook_q/k/v`` placed at the attention inputs (multi-head latent attention) against the query, key and
-    value HF passes to its attention function (SDPA, wrapped for one forward to record them)."""
-    hf, fam, n = model.hf_model, model.family, model.cfg.n_layers
-    names = [f"blocks.{L}.attn.hook_{w}" for L in range(n) for w in "qkv"]
-    names = [x for x in names if model.sites.get(x) and model.sites[x].extra.get("attention_input")]
-    if not names:
-        return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    layer = {id(hf.get_submodule(fam.block(L, fam.attn))): L for L in range(n)}
-    seen: dict[int, tuple] = {}
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    local = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
-
-    def record(module, query, key, value, *args, **kwargs):
-        if id(module) in layer:
-            seen[layer[id(module)]] = (query.detach().clone(), key.detach().clone(), value.detach().clone())
-        return sdpa(module, query, key, value, *args, **kwargs)
-
-    impl = getattr(hf.config, "_attn_implementation", None)
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = record  # the model's own masks and code paths, SDPA's inputs recorded
-    try:
-        if impl != "sdpa":
-            hf.set_attn_implementation("sdpa")
-        with torch.no_grad():
-            hf(input_ids=ids, attention_mask=mask)
-    except Exception as e:  # noqa: BLE001 - no reference rather than a wrong one
-        res._skip("qkv", f"attention inputs not recorded: {type(e).__name__}: {e}"[:160])
-        return
-    finally:
-        if local is None:
-            del ALL_ATTENTION_FUNCTIONS["sdpa"]
-        else:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = local
-        if impl and impl != "sdpa":
-            hf.set_attn_implementation(impl)
-    for name in names:
-        L, w = int(name.split(".")[1]), name[-1]
-        if L not in seen:
-            res._skip("qkv", f"the attention function of block {L} was not called")
-            continue
-        ref = seen[L]["qkv".index(w)].transpose(1, 2)  # HF passes [batch, heads, pos, d]
-        got = cache[name]
-        if ref.shape != got.shape and ref.shape[2] != got.shape[2]:  # repeated KV heads: compare one copy each
-            ref = ref[:, :, :: ref.shape[2] // got.shape[2]]
-        res._record("qkv", name, got, ref)

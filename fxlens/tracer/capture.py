@@ -258,7 +258,8 @@ def _filled_by_slices(graph: fx.Graph) -> None:
         for s in slices:
             dim, start, end, step = (list(s.args[1:]) + [0, 0, None, 1][len(s.args) - 1:])[:4]
             copies = list(s.users)
-            if step != 1 or len(copies) != 1 or copies[0].target is not _aten.copy_.default or copies[0].args[0] is not s:
+            if (step != 1 or len(copies) != 1 or copies[0].target is not _aten.copy_.default
+                    or copies[0].args[0] is not s):
                 break
             src, sv = copies[0].args[1], s.meta.get("val")
             srcv = getattr(src, "meta", {}).get("val")
