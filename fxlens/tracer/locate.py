@@ -247,6 +247,7 @@ class Locator:
             self.missing.append(f"{p}.* (expected one attention op in {path}, found "
                                 f"{len(sdpa)} SDPA and {len(soft)} softmax)")
             return
+        self._output_gate(L, core if len(sdpa) == 1 else z, path)
         targets = {}
         for which, arg in (("q", q), ("k", k), ("v", v)):
             n = arg
@@ -274,6 +275,28 @@ class Locator:
         for name, heads in (("hook_attn_in", self.s.n_heads), ("hook_q_input", self.s.n_heads),
                             ("hook_k_input", self.s.n_kv_heads), ("hook_v_input", self.s.n_kv_heads)):
             self.add(f"blocks.{L}.{name}", None, path, derive="split_input", extra={"ln": ln, "heads": heads})
+
+    def _output_gate(self, L: int, out: fx.Node, path: str) -> None:
+        """A per-head gate between attention and the output projection (Dots3's ``z * sigmoid(g_proj(x))``):
+        ``hook_z`` is the gated tensor, what ``W_O`` reads, so head results still sum to ``hook_attn_out``."""
+        n = out
+        while len(n.users) == 1 and is_op(next(iter(n.users)), SHAPE_OPS):
+            n = next(iter(n.users))
+        (gate,) = n.users if len(n.users) == 1 else (None,)
+        if gate is None or not is_op(gate, {aten.mul.Tensor}) or not self.ix.inside(gate, path):
+            return
+        other = next((a for a in gate.args if isinstance(a, fx.Node) and a is not n), None)
+        lab, heads = self.labels(gate), self.s.n_heads
+        if other is None or out in ancestors(other) or len(lab) != 4 or lab[:3] not in (("B", "S", heads),
+                                                                                         ("B", heads, "S")):
+            return
+        m = gate
+        while len(m.users) == 1 and is_op(next(iter(m.users)), SHAPE_OPS):
+            m = next(iter(m.users))
+        if not any(self.ix.inside(u, self.f.block(L, self.f.attn_out)) for u in m.users):
+            return
+        self.add(f"blocks.{L}.attn.hook_z", gate, path, layout="same" if lab[1] == "S" else "bhsd",
+                 extra={"gated": True})
 
     def _latent(self, targets: dict, path: str) -> bool:
         """Multi-head latent attention (DeepSeek V2/V3 MLA): the key entering attention is a last-dim concat
