@@ -10,8 +10,9 @@ weights reproduce ``hook_embed`` and the logits (``W_E[ids]``, ``ln_final.hook_o
 
 Documented scalings are part of the reference: Granite multiplies the embedding by
 ``embedding_multiplier`` and every branch output by ``residual_multiplier`` before the
-residual add, CTRL its embedding by ``sqrt(n_embd)`` (Gemma's ``sqrt(d_model)`` is inside its
-embedding module's output). Hooks record copies, so later in-place edits do not reach them.
+residual add (MiniCPM by ``scale_depth / sqrt(num_hidden_layers)``), CTRL its embedding by
+``sqrt(n_embd)`` (Gemma's ``sqrt(d_model)`` is inside its embedding module's output). Hooks record
+copies, so later in-place edits do not reach them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .check_latent import check_attention_inputs
 from .interventions.analysis import decompose_resid, head_results
 
 TOL = 1e-4  # relative to max(1, |reference|): fp32 tiny models agree to ~1e-6; a wrong tensor is off by ~1e-1
@@ -158,6 +160,14 @@ def _multiplier(config, name: str) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 1.0
 
 
+def _residual_scale(config) -> float:
+    """Granite's ``residual_multiplier``; MiniCPM's ``scale_depth / sqrt(num_hidden_layers)`` on every branch."""
+    if isinstance(getattr(config, "scale_depth", None), (int, float)) and getattr(config, "model_type", "") in (
+            "minicpm", "minicpm3"):
+        return float(config.scale_depth) / math.sqrt(config.num_hidden_layers)
+    return _multiplier(config, "residual_multiplier")
+
+
 def _embed_scale(config) -> float:
     """Granite's ``embedding_multiplier``, CTRL's ``sqrt(n_embd)`` (in its forward, ``inputs_embeds *= ...``);
     Gemma's ``sqrt(d_model)`` sits inside its embedding module."""
@@ -221,6 +231,7 @@ def check_sites(model, ids: torch.Tensor | None = None) -> SiteCheck:
     _check_modules(res, model, cache, rec, config)
     _check_identities(res, model, cache, config)
     _check_pattern(res, model, cache, ids, mask, rec)
+    check_attention_inputs(res, model, cache, ids, mask)
     _check_weights(res, model, cache, ids, logits, config)
     return res
 
@@ -258,7 +269,7 @@ def _check_resid(res: SiteCheck, model, cache, hs, rec: _Recorder) -> None:
 
 def _check_modules(res: SiteCheck, model, cache, rec: _Recorder, config) -> None:
     fam, sites, hf = model.family, model.sites, model.hf_model
-    rmul = _multiplier(config, "residual_multiplier")
+    rmul = _residual_scale(config)
     for name, site in sites.items():
         if name not in cache:
             continue
@@ -290,7 +301,7 @@ def _check_modules(res: SiteCheck, model, cache, rec: _Recorder, config) -> None
                 res._record(leaf[5:], name, got, ref * rmul)
         elif leaf in ("hook_pre", "hook_post") and inp is not None:
             res._record("mlp_act", name, got, inp)
-        elif leaf in ("hook_q", "hook_k", "hook_v"):
+        elif leaf in ("hook_q", "hook_k", "hook_v") and not site.extra.get("attention_input"):
             _check_qkv(res, name, site, got, _first(rec.outputs.get(site.extra.get("proj_module"))), model)
 
 
@@ -404,3 +415,4 @@ def _check_pattern(res: SiteCheck, model, cache, ids, mask, rec_sdpa: _Recorder)
         if name in cache and isinstance(w, torch.Tensor):
             res._record("pattern", name, cache[name], w)
     res._skip("pattern", "eager attention returned no weights")
+

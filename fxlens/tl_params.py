@@ -59,7 +59,8 @@ def tl_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
 
     Norm weights are listed unless the norms are folded (``normalization_type`` ending in ``Pre``,
     TL's ``LNPre`` / ``RMSPre`` have none); under GQA the key/value weights are TL's ``_W_K`` / ``_W_V``
-    ``[n_kv_heads, d_model, d_head]``.
+    ``[n_kv_heads, d_model, d_head]``. Multi-head latent attention (DeepSeek MLA) has no ``W_Q`` / ``W_K`` /
+    ``W_V`` (no single matrix per head: ``model.W_K`` raises and says why), so only ``W_O`` / ``b_O`` are listed.
     """
     cfg, fam = model.cfg, model.family
     norms = bool(cfg.normalization_type) and not cfg.normalization_type.endswith("Pre")
@@ -67,9 +68,13 @@ def tl_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
     if fam.pos_embed is not None:
         yield "pos_embed.W_pos", model.W_pos
     kv = "_" if cfg.n_kv_heads != cfg.n_heads else ""
-    stacks = {n: getattr(model, n) for n in ("W_Q", "b_Q", "W_O", "b_O", "W_in", "b_in", "W_out", "b_out")}
-    stacks.update({f"{kv}W_K": model.W_K_kv if kv else model.W_K, f"{kv}W_V": model.W_V_kv if kv else model.W_V,
-                   f"{kv}b_K": model.b_K_kv if kv else model.b_K, f"{kv}b_V": model.b_V_kv if kv else model.b_V})
+    latent = any(s.extra.get("latent") for n, s in model.sites.items() if n.endswith(".attn.hook_k"))
+    attn = ("W_O", "b_O") if latent else ("W_Q", "W_O", "b_Q", "b_O", f"{kv}W_K", f"{kv}W_V", f"{kv}b_K", f"{kv}b_V")
+    stacks = {n: getattr(model, n) for n in ("W_O", "b_O", "W_in", "b_in", "W_out", "b_out")}
+    if not latent:
+        stacks.update({"W_Q": model.W_Q, "b_Q": model.b_Q, f"{kv}W_K": model.W_K_kv if kv else model.W_K,
+                       f"{kv}W_V": model.W_V_kv if kv else model.W_V, f"{kv}b_K": model.b_K_kv if kv else model.b_K,
+                       f"{kv}b_V": model.b_V_kv if kv else model.b_V})
     if fam.gated:
         stacks["W_gate"] = model.W_gate
     for L, block in enumerate(model.blocks):
@@ -78,7 +83,7 @@ def tl_named_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
                 norm = getattr(block, ln)
                 if norm.exists:
                     yield from _norm_params(f"blocks.{L}.{ln}", norm, cfg)
-        for n in ("W_Q", "W_O", "b_Q", "b_O", f"{kv}W_K", f"{kv}W_V", f"{kv}b_K", f"{kv}b_V"):
+        for n in attn:
             yield f"blocks.{L}.attn.{n}", _derived(f"blocks.{L}.attn.{n}", stacks[n][L])
         for n in ("W_in", "W_gate", "b_in", "W_out", "b_out"):
             if n in stacks:

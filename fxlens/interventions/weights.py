@@ -79,7 +79,7 @@ class WeightLayout:
         base = model.base_graph
         sites, nodes = model.sites, {n.name: n for n in base.graph.nodes}
         self.qkv = model.split_index()  # "L.q" -> [heads, d_head] feature index
-        self.qkv_module = {f"{L}.{w}": sites[f"blocks.{L}.attn.hook_{w}"].extra["proj_module"]
+        self.qkv_module = {f"{L}.{w}": sites[f"blocks.{L}.attn.hook_{w}"].extra.get("proj_module")
                            for L in range(cfg.n_layers) for w in "qkv"}
         probes, self.mlp_module = {}, {}
         mlp_sites = {"gate": "hook_pre", "in": "hook_pre_linear"} if fam.gated else {"in": "hook_pre"}
@@ -155,6 +155,8 @@ class WeightsMixin:
 
     def _qkv(self, L: int, w: str) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self._layout()
+        if lay.qkv_module[f"{L}.{w}"] is None:
+            raise ValueError(latent_problem(self.cfg.family, L, w))
         W, b = in_out(lay.module(lay.qkv_module[f"{L}.{w}"]))
         idx = lay.qkv[f"{L}.{w}"]
         return gather_out(W, idx), gather_bias(b, idx, W)
@@ -174,6 +176,8 @@ class WeightsMixin:
     def qkv_location(self, L: int, w: str) -> tuple[str, torch.Tensor]:
         """``(HF module path, feature index [heads, d_head])`` of block ``L``'s q, k or v projection."""
         lay = self._layout()
+        if lay.qkv_module[f"{L}.{w}"] is None:
+            raise ValueError(latent_problem(self.cfg.family, L, w))
         return lay.qkv_module[f"{L}.{w}"], lay.qkv[f"{L}.{w}"]
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +242,7 @@ class WeightsMixin:
     def _o(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         W, b = in_out(self._module(self.family.attn_out, L))
         s = self._layout().attn_scale[L]
-        W = W.unflatten(0, (self.cfg.n_heads, self.cfg.d_head))
+        W = W.unflatten(0, (self.cfg.n_heads, -1))  # z's head size (MLA values have their own)
         return (W, b) if s == 1.0 else (W * s, None if b is None else b * s)
 
     def _down(self, L: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -351,6 +355,14 @@ class WeightsMixin:
         """``W_Q @ W_K.T`` per layer and head: ``[n_layers, n_heads, d_model, d_model]``, factored
         (before rotary: with rotary positions this is the content-only bilinear form)."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+
+def latent_problem(family: str, L: int, w: str) -> str:
+    """Why block ``L`` has no ``W_{w}``: its attention input is not one linear map of the residual."""
+    return (f"W_{w.upper()} / b_{w.upper()} are undefined for {family} block {L}: multi-head latent attention "
+            f"builds hook_{w} from a shared low-rank latent (a norm inside) and a separately rotated part, so no "
+            f"single [d_model, d_head] matrix gives it. Use the HF projections (e.g. kv_b_proj) directly, "
+            f"or the hook_q / hook_k / hook_v sites.")
 
 
 def _or_zeros(b: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,7 @@ def _normalise(exported: fx.GraphModule) -> tuple[fx.GraphModule, str]:
             attrs[node.target] = getattr_path(exported, node.target)
         env[node] = graph.node_copy(node, lambda n: env[n])
     _drop_noops(graph)
+    _filled_by_slices(graph)
     _out_of_place(graph)
     gm = fx.GraphModule(attrs, graph, class_name="CapturedModel")
     gm.graph.eliminate_dead_code()
@@ -234,6 +235,59 @@ def _out_of_place(graph: fx.Graph) -> None:
         for u in [u for u in x.users if u is not new and order.get(u, len(order)) > order[n]]:
             u.replace_input_with(x, new)
         graph.erase_node(n)
+
+
+_EMPTY = {_aten.new_empty.default, _aten.empty.memory_format, _aten.new_zeros.default, _aten.zeros.default}
+
+
+def _filled_by_slices(graph: fx.Graph) -> None:
+    """``x = new_empty(..); x[.., :a].copy_(p); x[.., a:].copy_(r)`` becomes ``x = cat([p, r], -1)``.
+
+    MLA keys are built this way (DeepSeek V2/V3's ``expand_kv``): the buffer node holds no value until
+    the copies run, so a site on it would cache or hook an empty tensor. The rewrite applies only when
+    the slices tile one dim exactly, every copy has the slice's shape and dtype, and nothing else reads
+    the buffer before the last copy.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for x in [n for n in graph.nodes if n.op == "call_function" and n.target in _EMPTY]:
+        v = x.meta.get("val")
+        slices = [u for u in x.users if u.target is _aten.slice.Tensor and u.args[0] is x]
+        if not isinstance(v, torch.Tensor) or len(slices) < 2:
+            continue
+        parts = []
+        for s in slices:
+            dim, start, end, step = (list(s.args[1:]) + [0, 0, None, 1][len(s.args) - 1:])[:4]
+            copies = list(s.users)
+            if (step != 1 or len(copies) != 1 or copies[0].target is not _aten.copy_.default
+                    or copies[0].args[0] is not s):
+                break
+            src, sv = copies[0].args[1], s.meta.get("val")
+            srcv = getattr(src, "meta", {}).get("val")
+            if not (isinstance(srcv, torch.Tensor) and isinstance(sv, torch.Tensor) and srcv.dtype == v.dtype
+                    and str(tuple(srcv.shape)) == str(tuple(sv.shape)) and not copies[0].users):
+                break
+            parts.append((dim % v.dim(), start, end, src, s, copies[0]))
+        else:
+            parts.sort(key=lambda p: p[1])
+            size = v.shape[parts[0][0]]
+            bounds = [p[1] for p in parts] + [size]
+            ends = [min(p[2], size) if isinstance(p[2], int) else p[2] for p in parts]
+            if len({p[0] for p in parts}) != 1 or bounds[0] != 0 or any(
+                    str(e) != str(b) for e, b in zip(ends, bounds[1:])):
+                continue
+            last = max((p[5] for p in parts), key=order.__getitem__)
+            readers = [u for u in x.users if u not in slices]
+            if any(order[u] < order[last] for u in readers):
+                continue
+            with graph.inserting_after(last):
+                cat = graph.call_function(_aten.cat.default, ([p[3] for p in parts], parts[0][0]))
+            cat.meta = dict(x.meta)
+            for u in readers:
+                u.replace_input_with(x, cat)
+            for _, _, _, _, s, c in parts:
+                graph.erase_node(c)
+                graph.erase_node(s)
+            graph.erase_node(x)
 
 
 _VIEWS = {_aten.view.default, _aten.slice.Tensor, _aten.select.int, _aten.transpose.int, _aten.permute.default,

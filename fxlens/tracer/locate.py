@@ -247,12 +247,16 @@ class Locator:
             self.missing.append(f"{p}.* (expected one attention op in {path}, found "
                                 f"{len(sdpa)} SDPA and {len(soft)} softmax)")
             return
+        self._output_gate(L, core if len(sdpa) == 1 else z, path)
         targets = {}
         for which, arg in (("q", q), ("k", k), ("v", v)):
             n = arg
             while is_op(n, SHAPE_OPS) or is_scalar_scale(n):
                 n = n.args[0]
             targets[which] = (arg, n)
+        if self._latent(targets, path):
+            self._attention_inputs(L, targets, path)
+            return
         for which, heads in (("q", self.s.n_heads), ("k", self.s.n_kv_heads), ("v", self.s.n_kv_heads)):
             arg, first = targets[which]
             others = set().union(*(ancestors(targets[o][0]) for o in targets if o != which))
@@ -271,6 +275,64 @@ class Locator:
         for name, heads in (("hook_attn_in", self.s.n_heads), ("hook_q_input", self.s.n_heads),
                             ("hook_k_input", self.s.n_kv_heads), ("hook_v_input", self.s.n_kv_heads)):
             self.add(f"blocks.{L}.{name}", None, path, derive="split_input", extra={"ln": ln, "heads": heads})
+
+    def _output_gate(self, L: int, out: fx.Node, path: str) -> None:
+        """A per-head gate between attention and the output projection (Dots3's ``z * sigmoid(g_proj(x))``):
+        ``hook_z`` is the gated tensor, what ``W_O`` reads, so head results still sum to ``hook_attn_out``."""
+        n = out
+        while len(n.users) == 1 and is_op(next(iter(n.users)), SHAPE_OPS):
+            n = next(iter(n.users))
+        (gate,) = n.users if len(n.users) == 1 else (None,)
+        if gate is None or not is_op(gate, {aten.mul.Tensor}) or not self.ix.inside(gate, path):
+            return
+        other = next((a for a in gate.args if isinstance(a, fx.Node) and a is not n), None)
+        lab, heads = self.labels(gate), self.s.n_heads
+        if other is None or out in ancestors(other) or len(lab) != 4 or lab[:3] not in (("B", "S", heads),
+                                                                                         ("B", heads, "S")):
+            return
+        m = gate
+        while len(m.users) == 1 and is_op(next(iter(m.users)), SHAPE_OPS):
+            m = next(iter(m.users))
+        if not any(self.ix.inside(u, self.f.block(L, self.f.attn_out)) for u in m.users):
+            return
+        self.add(f"blocks.{L}.attn.hook_z", gate, path, layout="same" if lab[1] == "S" else "bhsd",
+                 extra={"gated": True})
+
+    def _latent(self, targets: dict, path: str) -> bool:
+        """Multi-head latent attention (DeepSeek V2/V3 MLA): the key entering attention is a last-dim concat
+        (a per-head part decompressed from a shared latent, a shared rotary part) and no projection output
+        holds whole keys, so ``hook_k`` (and, alike, ``hook_q`` / ``hook_v``) can only be the attention input."""
+        arg, first = targets["k"]
+        if not is_op(first, {aten.cat.default}) or (first.args[1] if len(first.args) > 1 else 0) not in (-1, 3):
+            return False
+        proj = first if self._is_proj(first, path) else self._nearest_proj(first, path)
+        others = set().union(*(ancestors(targets[o][0]) for o in "qv"))
+        return proj is None or self._first_of_size(proj, ancestors(arg), others,
+                                                   self.s.n_kv_heads * self.s.d_head) is None
+
+    def _attention_inputs(self, L: int, targets: dict, path: str) -> None:
+        """MLA: ``hook_q`` / ``hook_k`` / ``hook_v`` are the tensors entering attention (after rotary and the
+        concat; ``hook_v`` has its own head size). There is no separate rotated tensor (no ``hook_rot_*``),
+        no single ``W_Q`` / ``W_K`` / ``W_V``, and no per-head input copies (``hook_q_input`` ...): the keys
+        and values of every head come from one shared latent."""
+        p = f"blocks.{L}.attn"
+        for which, heads in (("q", self.s.n_heads), ("k", self.s.n_kv_heads), ("v", self.s.n_kv_heads)):
+            node = targets[which][0]
+            while (is_op(node, SHAPE_OPS) or is_scalar_scale(node)) and self._heads_4d(node.args[0], heads) \
+                    and self.labels(node.args[0])[3] == self.labels(node)[3]:
+                node = node.args[0]  # back through transposes / contiguous to the earliest per-head tensor
+            lab = self.labels(node)
+            layout = {("B", "S", heads): "same", ("B", heads, "S"): "bhsd"}.get(lab[:3])
+            if layout is None or len(lab) != 4 or not isinstance(lab[3], int):
+                self.missing.append(f"{p}.hook_{which} (latent attention: the attention {which} in {path} is "
+                                    f"{lab}, not [batch, pos, heads, d] or [batch, heads, pos, d])")
+                continue
+            self.add(f"{p}.hook_{which}", node, path, layout=layout,
+                     extra={"heads": heads, "latent": True, "attention_input": True})
+
+    def _heads_4d(self, n: object, heads: int) -> bool:
+        lab = self.labels(n) if isinstance(n, fx.Node) else ()
+        return len(lab) == 4 and lab[:3] in (("B", "S", heads), ("B", heads, "S")) and isinstance(lab[3], int)
 
     def _qk(self, scores: fx.Node, path: str) -> fx.Node | None:
         """The ``q @ k`` matmul the scores come from: along first arguments, else (masks, ALiBi's ``baddbmm``

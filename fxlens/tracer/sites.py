@@ -40,11 +40,14 @@ _SPECS = [
              "[batch, pos, n_kv_heads, d_model]"),
     SiteSpec("blocks.{L}.hook_v_input", "value input, one copy per KV head (before ln1)",
              "[batch, pos, n_kv_heads, d_model]"),
-    SiteSpec("blocks.{L}.attn.hook_q", "queries: projection output split into heads, before QK-norm and rotary",
+    SiteSpec("blocks.{L}.attn.hook_q", "queries: projection output split into heads, before QK-norm and rotary "
+             "(multi-head latent attention: the query entering attention, after rotary and the nope/rope concat)",
              "[batch, pos, n_heads, d_head]"),
-    SiteSpec("blocks.{L}.attn.hook_k", "keys, before QK-norm, rotary and GQA repetition",
+    SiteSpec("blocks.{L}.attn.hook_k", "keys, before QK-norm, rotary and GQA repetition "
+             "(multi-head latent attention: the key entering attention)",
              "[batch, pos, n_kv_heads, d_head]"),
-    SiteSpec("blocks.{L}.attn.hook_v", "values, before GQA repetition", "[batch, pos, n_kv_heads, d_head]"),
+    SiteSpec("blocks.{L}.attn.hook_v", "values, before GQA repetition (latent attention: its own head size)",
+             "[batch, pos, n_kv_heads, d_head]"),
     SiteSpec("blocks.{L}.attn.hook_rot_q", "queries after rotary embedding (and QK-norm)",
              "[batch, pos, n_heads, d_head]"),
     SiteSpec("blocks.{L}.attn.hook_rot_k", "keys after rotary embedding (and QK-norm)",
@@ -53,7 +56,8 @@ _SPECS = [
              "[batch, n_heads, q_pos, k_pos]"),
     SiteSpec("blocks.{L}.attn.hook_pattern", "attention probabilities (softmax of scores)",
              "[batch, n_heads, q_pos, k_pos]"),
-    SiteSpec("blocks.{L}.attn.hook_z", "per-head attention output before the output projection",
+    SiteSpec("blocks.{L}.attn.hook_z", "per-head attention output before the output projection (after a per-head "
+             "output gate where the model has one)",
              "[batch, pos, n_heads, d_head]"),
     SiteSpec("blocks.{L}.hook_attn_out", "attention output as added to the residual stream",
              "[batch, pos, d_model]"),

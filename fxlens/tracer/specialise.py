@@ -75,6 +75,8 @@ def split_index(base: fx.GraphModule, sites: dict[str, Site], n_layers: int) -> 
     for L in range(n_layers):
         for w in "qkv":
             s = sites[f"blocks.{L}.attn.hook_{w}"]
+            if "proj" not in s.extra:  # latent attention: no projection holds this site's features
+                continue
             fn, args = {"heads": (split_heads, (s.extra["heads"],)), "bhsd": (swap_head_pos, ()),
                         "same": (lambda x: x, ())}[s.layout]
             probes[f"{L}.{w}"] = (nodes[s.extra["proj"]], nodes[s.node], fn, *args)
