@@ -27,7 +27,7 @@ PORT = Path(__file__).with_name("main_demo_port.py")
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
-    """Restores threads and grad mode. One thread unless told (``FXLENS_THREADS``): on the shared 2-core boxes two threads thrash (5-20x slower)."""
+    """Restores threads and grad mode; one thread unless told (``FXLENS_THREADS``): two threads thrash here."""
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     torch.set_num_threads(int(os.environ.get("FXLENS_THREADS", "1")))
     yield
